@@ -1,0 +1,167 @@
+"""The agent loop: consumes the bus, runs one task per turn, publishes what it says.
+
+A turn is: system prompt + bounded session history + the new user message → the
+provider, with the registered tools; tool calls run and the loop repeats until a final
+answer or ``maxToolIterations``; then the whole turn is persisted at once. Turns on one
+session never interleave (the session lock); different sessions run concurrently. A
+cancelled or failed turn persists nothing, so the history is as if it never started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from nanobot.agent.tools import ToolContext, ToolRegistry
+from nanobot.bus import InboundKind, InboundMessage, MessageBus, OutboundKind, OutboundMessage, Usage
+from nanobot.config import AgentDefaults
+from nanobot.errors import NanobotError, TurnTimeoutError
+from nanobot.providers.openai_compat import OpenAICompatProvider
+from nanobot.sessions import ChatMessage, SessionStore
+
+log = logging.getLogger(__name__)
+
+
+def user_message(msg: InboundMessage) -> tuple[ChatMessage, ChatMessage]:
+    """The user's message as the model sees it this turn, and as the history keeps it."""
+    stored: ChatMessage = {"role": "user", "content": msg.history_content or msg.content}
+    if not msg.images:
+        return {"role": "user", "content": msg.content}, stored
+    parts: list[dict[str, Any]] = [{"type": "text", "text": msg.content}] if msg.content else []
+    parts.extend({"type": "image_url", "image_url": {"url": img.data_url}} for img in msg.images)
+    return {"role": "user", "content": parts}, stored
+
+
+class AgentLoop:
+    """Turns inbound messages into answers, one asyncio task per turn."""
+
+    def __init__(
+        self,
+        bus: MessageBus,
+        provider: OpenAICompatProvider,
+        sessions: SessionStore,
+        tools: ToolRegistry,
+        defaults: AgentDefaults,
+        *,
+        turn_timeout: float,
+    ) -> None:
+        self._bus = bus
+        self._provider = provider
+        self._sessions = sessions
+        self._tools = tools
+        self._defaults = defaults
+        self._turn_timeout = turn_timeout
+        self._system: ChatMessage = {"role": "system", "content": defaults.system_prompt}
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    async def run(self) -> None:
+        """Consume the bus until cancelled; on cancellation every running turn is cancelled too."""
+        try:
+            while True:
+                msg = await self._bus.consume_inbound()
+                if msg.kind is InboundKind.CANCEL:
+                    task = self._running.get(msg.request_id)
+                    if task is not None:
+                        task.cancel()
+                    continue
+                self._start_turn(msg)
+        finally:
+            tasks = list(self._running.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _start_turn(self, msg: InboundMessage) -> None:
+        task = asyncio.create_task(self._turn(msg))
+        key = msg.request_id or f"task-{id(task)}"
+        self._running[key] = task
+        task.add_done_callback(lambda _t: self._running.pop(key, None))
+
+    async def _turn(self, msg: InboundMessage) -> None:
+        try:
+            async with asyncio.timeout(self._turn_timeout):
+                await self.run_turn(msg)
+        except TimeoutError:
+            self._fail(msg, TurnTimeoutError(f"the request took longer than {self._turn_timeout:g} s"))
+        except NanobotError as exc:
+            self._fail(msg, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must answer the user and be logged, never kill the loop
+            log.exception("turn on %s failed", msg.session_key)
+            self._fail(msg, NanobotError("internal error while answering"))
+
+    def _fail(self, msg: InboundMessage, error: NanobotError) -> None:
+        log.warning("turn on %s failed: %s", msg.session_key, error.message)
+        self._bus.publish_outbound(
+            OutboundMessage(msg.channel, msg.chat_id, kind=OutboundKind.ERROR, reply_to=msg.request_id, error=error)
+        )
+
+    def _context(self, msg: InboundMessage) -> list[ChatMessage]:
+        if not msg.instructions:
+            return [self._system]
+        return [{"role": "system", "content": f"{self._defaults.system_prompt}\n\n{msg.instructions}"}]
+
+    async def run_turn(self, msg: InboundMessage) -> None:
+        """Run one turn under the session lock and publish its answer."""
+        key = msg.session_key
+        bus = self._bus
+        on_delta = None
+        if msg.stream:
+
+            def on_delta(piece: str) -> None:
+                bus.publish_outbound(
+                    OutboundMessage(msg.channel, msg.chat_id, piece, OutboundKind.DELTA, msg.request_id)
+                )
+
+        async with self._sessions.lock(key):
+            history = await self._sessions.history(key)
+            live_user, stored_user = user_message(msg)
+            messages = [*self._context(msg), *history, live_user]
+            new: list[ChatMessage] = [stored_user]
+            ctx = ToolContext(bus, msg.channel, msg.chat_id, msg.request_id)
+            usage = Usage()
+            defaults = self._defaults
+            for _ in range(defaults.max_tool_iterations):
+                resp = await self._provider.chat(
+                    messages,
+                    tools=self._tools.definitions,
+                    max_tokens=defaults.max_tokens,
+                    temperature=defaults.temperature,
+                    on_delta=on_delta,
+                )
+                usage = usage + resp.usage
+                if not resp.tool_calls:
+                    answer, finish = resp.content, resp.finish_reason
+                    break
+                call_msg: ChatMessage = {
+                    "role": "assistant",
+                    "content": resp.content or None,
+                    "tool_calls": [tc.as_dict() for tc in resp.tool_calls],
+                }
+                messages.append(call_msg)
+                new.append(call_msg)
+                for call in resp.tool_calls:
+                    result = await self._tools.execute(call, ctx)
+                    tool_msg: ChatMessage = {"role": "tool", "tool_call_id": call.id, "content": result}
+                    messages.append(tool_msg)
+                    new.append(tool_msg)
+            else:
+                answer = f"(stopped after {defaults.max_tool_iterations} tool iterations without a final answer)"
+                finish = "length"
+                if on_delta is not None:
+                    on_delta(answer)
+            new.append({"role": "assistant", "content": answer})
+            await self._sessions.append_turn(key, new)
+        bus.publish_outbound(
+            OutboundMessage(
+                msg.channel,
+                msg.chat_id,
+                answer,
+                OutboundKind.REPLY,
+                msg.request_id,
+                usage=usage,
+                finish_reason=finish,
+            )
+        )

@@ -1,0 +1,162 @@
+"""The internal message bus: two asyncio queues and the messages that travel on them.
+
+Channels publish :class:`InboundMessage` (someone said something); the agent consumes
+them and publishes :class:`OutboundMessage` (deltas, replies, ``message``-tool sends),
+which the channel manager dispatches to the named channel. The bus knows no channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nanobot.errors import NanobotError
+
+
+class InboundKind(StrEnum):
+    """What an inbound message asks of the agent."""
+
+    MESSAGE = "message"  # run a turn
+    CANCEL = "cancel"  # cancel the running turn whose request_id matches
+
+
+class OutboundKind(StrEnum):
+    """What an outbound message carries."""
+
+    DELTA = "delta"  # a piece of the answer, as the model produces it
+    REPLY = "reply"  # the final answer of a turn
+    MESSAGE = "message"  # text sent by the `message` tool
+    ERROR = "error"  # the turn failed; ``error`` says why
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    """An image for the model's vision input, already validated and base64-encoded."""
+
+    name: str
+    mime: str
+    data_b64: str
+
+    @property
+    def data_url(self) -> str:
+        """The image as a ``data:`` URL, the form OpenAI-compatible models accept."""
+        return f"data:{self.mime};base64,{self.data_b64}"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts, summed over a turn's LLM calls."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        """The OpenAI ``usage`` object."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """Something a user said on a channel, for the agent to answer.
+
+    ``content`` is the user's text, with any documents' extracted text already appended;
+    ``images`` go to the model for this turn only; ``instructions`` are extra system text
+    for this turn only. ``request_id`` correlates the replies; ``stream`` asks for deltas.
+    """
+
+    channel: str
+    chat_id: str
+    content: str = ""
+    sender_id: str = ""
+    request_id: str = ""
+    kind: InboundKind = InboundKind.MESSAGE
+    stream: bool = False
+    images: tuple[ImageInput, ...] = ()
+    instructions: str = ""
+    history_content: str | None = None  # what the history keeps, when it differs from content
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def session_key(self) -> str:
+        """The session this message belongs to: ``<channel>:<chat_id>``."""
+        return f"{self.channel}:{self.chat_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReceipt:
+    """What happened to an outbound message on its first delivery attempt, for the `message` tool."""
+
+    status: str  # "sent", "queued", "failed"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.detail}" if self.detail else self.status
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """Something the agent says, addressed to ``channel``/``chat_id``.
+
+    ``reply_to`` is the ``request_id`` of the inbound message it answers. ``receipt``,
+    when set, is resolved by the channel manager once the first delivery attempt is done.
+    """
+
+    channel: str
+    chat_id: str
+    content: str = ""
+    kind: OutboundKind = OutboundKind.REPLY
+    reply_to: str = ""
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    error: NanobotError | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    receipt: asyncio.Future[DeliveryReceipt] | None = field(default=None, compare=False, repr=False)
+
+
+class MessageBus:
+    """Two queues: inbound (channels → agent) and outbound (agent → channels)."""
+
+    __slots__ = ("_inbound", "_outbound")
+
+    def __init__(self) -> None:
+        self._inbound: asyncio.Queue[InboundMessage] = asyncio.Queue()
+        self._outbound: asyncio.Queue[OutboundMessage] = asyncio.Queue()
+
+    def publish_inbound(self, msg: InboundMessage) -> None:
+        """Hand a message to the agent (never blocks: the queue is unbounded)."""
+        self._inbound.put_nowait(msg)
+
+    async def consume_inbound(self) -> InboundMessage:
+        """Wait for the next inbound message."""
+        return await self._inbound.get()
+
+    def publish_outbound(self, msg: OutboundMessage) -> None:
+        """Hand a message to the channels (never blocks: the queue is unbounded)."""
+        self._outbound.put_nowait(msg)
+
+    async def consume_outbound(self) -> OutboundMessage:
+        """Wait for the next outbound message."""
+        return await self._outbound.get()
+
+    def drain_outbound(self) -> list[OutboundMessage]:
+        """Take every outbound message already queued, without waiting."""
+        out: list[OutboundMessage] = []
+        q = self._outbound
+        while not q.empty():
+            out.append(q.get_nowait())
+        return out

@@ -1,0 +1,312 @@
+"""Typed, frozen configuration, loaded once from nanobot's ``config.json``.
+
+Keys are camelCase (canonical) or snake_case. ``${ENV_VAR}`` inside string values is
+resolved at load. A bad value raises :class:`ConfigError` naming the key path
+(``api.port: expected an integer, got "x"``); unknown keys become warnings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from nanobot.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("~/.nanobot/config.json")
+OPENAI_API_BASE = "https://api.openai.com/v1"
+TELEGRAM_API_BASE = "https://api.telegram.org"
+DISCORD_API_BASE = "https://discord.com/api/v10"
+DISCORD_GATEWAY_URL = "wss://gateway.discord.gg/?v=10&encoding=json"
+
+_SECRET = {"secret": True}
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The HTTP API: where it binds and what it accepts."""
+
+    host: str = "127.0.0.1"
+    port: int = 8900
+    timeout: float = 120.0
+    api_key: str = field(default="", repr=False, metadata=_SECRET)
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_file_bytes: int = 10 * 1024 * 1024
+    max_files: int = 16
+    max_extracted_chars: int = 200_000
+    max_pdf_pages: int = 2000
+    extract_timeout: float = 30.0
+    keep_alive_seconds: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentDefaults:
+    """How the agent talks to its model."""
+
+    model: str = "gpt-4o-mini"
+    provider: str = ""
+    workspace: str = "~/.nanobot/workspace"
+    max_tokens: int = 8192
+    temperature: float = 0.7
+    max_tool_iterations: int = 20
+    system_prompt: str = (
+        "You are nanobot, a helpful assistant. Answer concisely. "
+        "Use the `message` tool to send a message to a chat on another channel."
+    )
+    max_history_messages: int = 100
+
+    @property
+    def workspace_path(self) -> Path:
+        """The workspace folder, with ``~`` expanded."""
+        return Path(self.workspace).expanduser()
+
+
+@dataclass(frozen=True, slots=True)
+class AgentsConfig:
+    """Agent settings; ``defaults`` apply to every agent."""
+
+    defaults: AgentDefaults = field(default_factory=AgentDefaults)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One OpenAI-compatible chat-completions endpoint."""
+
+    api_key: str = field(default="", repr=False, metadata=_SECRET)
+    api_base: str = ""
+    extra_headers: dict[str, str] = field(default_factory=dict, repr=False, metadata=_SECRET)
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    max_retries: int = 3
+    retry_base_seconds: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class TelegramConfig:
+    """The Telegram Bot API channel."""
+
+    enabled: bool = False
+    token: str = field(default="", repr=False, metadata=_SECRET)
+    allow_from: list[str] = field(default_factory=list)
+    api_base: str = TELEGRAM_API_BASE
+    poll_timeout: int = 30
+
+
+@dataclass(frozen=True, slots=True)
+class DiscordConfig:
+    """The Discord channel: REST for sending, the Gateway websocket for receiving."""
+
+    enabled: bool = False
+    token: str = field(default="", repr=False, metadata=_SECRET)
+    allow_from: list[str] = field(default_factory=list)
+    api_base: str = DISCORD_API_BASE
+    gateway_url: str = DISCORD_GATEWAY_URL
+    intents: int = 37377  # GUILDS | GUILD_MESSAGES | DIRECT_MESSAGES | MESSAGE_CONTENT
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelsConfig:
+    """Chat channels and the durable outbox that feeds them."""
+
+    telegram: TelegramConfig = field(default_factory=TelegramConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
+    max_attempts: int = 8
+    held_max_age_seconds: float = 86400.0
+    retry_base_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole nanobot configuration."""
+
+    api: ApiConfig = field(default_factory=ApiConfig)
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
+    providers: dict[str, ProviderConfig] = field(default_factory=dict)
+    channels: ChannelsConfig = field(default_factory=ChannelsConfig)
+    warnings: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
+
+    @property
+    def model(self) -> str:
+        """The one model this gateway serves."""
+        return self.agents.defaults.model
+
+    def provider(self) -> tuple[str, ProviderConfig]:
+        """The provider the agent uses: ``agents.defaults.provider``, else the first configured."""
+        wanted = self.agents.defaults.provider
+        if wanted:
+            found = self.providers.get(wanted)
+            if found is None:
+                raise ConfigError(f"agents.defaults.provider: no provider named {wanted!r} in providers")
+            return wanted, _with_default_base(wanted, found)
+        for name, cfg in self.providers.items():
+            if cfg.api_key or cfg.api_base:
+                return name, _with_default_base(name, cfg)
+        return "openai", ProviderConfig(api_base=OPENAI_API_BASE)
+
+
+def _with_default_base(name: str, cfg: ProviderConfig) -> ProviderConfig:
+    if cfg.api_base:
+        return cfg
+    if name == "openai":
+        return dataclasses.replace(cfg, api_base=OPENAI_API_BASE)
+    raise ConfigError(f"providers.{name}.apiBase: required for a provider other than openai")
+
+
+# --------------------------------------------------------------------------- loading
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_CAMEL_RE = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def _snake(key: str) -> str:
+    return _CAMEL_RE.sub("_", key).lower()
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _describe(value: object, secret: bool) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    kind_list: dict[type, str] = {list: "a list", dict: "an object"}
+    if value is None:
+        return "null"
+    if secret or type(value) in kind_list:
+        return kind.get(type(value)) or kind_list.get(type(value), type(value).__name__)
+    return orjson.dumps(value).decode()
+
+
+def _resolve_env(value: str, path: str) -> str:
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV_RE.sub(sub, value)
+
+
+def _convert(tp: Any, value: object, path: str, secret: bool, warnings: list[str]) -> object:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected an object, got {_describe(value, secret)}")
+        return _build(tp, value, path, warnings)
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected an object, got {_describe(value, secret)}")
+        return {str(k): _convert(val_tp, v, f"{path}.{k}", secret, warnings) for k, v in value.items()}
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_describe(value, secret)}")
+        return [_convert(item_tp, v, f"{path}[{i}]", secret, warnings) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_describe(value, secret)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {_describe(value, secret)}")
+        if value < 0:
+            raise ConfigError(f"{path}: expected a non-negative integer, got {value}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {_describe(value, secret)}")
+        if value < 0:
+            raise ConfigError(f"{path}: expected a non-negative number, got {value}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, int | float) and not isinstance(value, bool) and path.endswith("allowFrom]"):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_describe(value, secret)}")
+        return _resolve_env(value, path)
+    raise ConfigError(f"{path}: unsupported type")  # pragma: no cover - schema bug
+
+
+def _build(cls: type[Any], data: dict[str, object], prefix: str, warnings: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, object] = {}
+    for key, value in data.items():
+        name = _snake(key)
+        path = f"{prefix}.{_camel(name)}" if prefix else _camel(name)
+        spec = fields.get(name)
+        if spec is None:
+            warnings.append(f"{path}: unknown key, ignored")
+            continue
+        if name in kwargs:
+            raise ConfigError(f"{path}: given twice (camelCase and snake_case)")
+        kwargs[name] = _convert(hints[name], value, path, bool(spec.metadata.get("secret")), warnings)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # pragma: no cover - schema bug
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def _check(config: Config) -> None:
+    api = config.api
+    if not 0 < api.port < 65536:
+        raise ConfigError(f"api.port: expected 1-65535, got {api.port}")
+    if api.timeout <= 0:
+        raise ConfigError("api.timeout: must be greater than 0")
+    if not config.agents.defaults.model:
+        raise ConfigError("agents.defaults.model: must not be empty")
+    if config.agents.defaults.max_tool_iterations < 1:
+        raise ConfigError("agents.defaults.maxToolIterations: must be at least 1")
+    config.provider()  # validates the provider choice
+
+
+def parse_config(data: object) -> Config:
+    """Build a :class:`Config` from parsed JSON, raising :class:`ConfigError` on bad values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a JSON object at the top level, got {_describe(data, False)}")
+    warnings: list[str] = []
+    config: Config = _build(Config, data, "", warnings)
+    config = dataclasses.replace(config, warnings=tuple(warnings))
+    _check(config)
+    return config
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load ``path``, else ``~/.nanobot/config.json`` if it exists, else the built-in defaults."""
+    if path is None:
+        default = DEFAULT_CONFIG_PATH.expanduser()
+        if not default.exists():
+            return parse_config({})
+        path = default
+    file = Path(path).expanduser()
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{file}: not valid JSON ({exc})") from None
+    return parse_config(data)
+
+
+def with_overrides(config: Config, **api_overrides: object) -> Config:
+    """Return ``config`` with CLI flags (``host``, ``port``, ``timeout``) applied over ``api``."""
+    given = {k: v for k, v in api_overrides.items() if v is not None}
+    if not given:
+        return config
+    new = dataclasses.replace(config, api=dataclasses.replace(config.api, **given))  # type: ignore[arg-type]
+    _check(new)
+    return new
+
+

@@ -1,0 +1,138 @@
+"""The nanobot exception tree.
+
+Every expected failure is one of these; third-party errors are translated at the
+boundary where they happen (``raise ... from exc``). The gateway maps them to OpenAI
+error bodies in one middleware; the CLI maps them to one line and an exit code.
+
+    NanobotError                    base; ``status``, ``type``, ``code``, ``param``
+    ├── ConfigError                 a bad config file or value (CLI exit 2)
+    ├── RequestError                the client's request is malformed (400)
+    │   ├── AuthenticationError     missing or wrong API key (401)
+    │   ├── NotFoundError           unknown route (404)
+    │   ├── MethodNotAllowedError   wrong HTTP method (405)
+    │   ├── PayloadTooLargeError    a file or the body is over its limit (413)
+    │   └── UnsupportedMediaError   content type or file type not supported (415)
+    ├── AttachmentError             an upload could not be read (422)
+    ├── ProviderError               the upstream LLM failed (502)
+    │   └── ProviderTimeoutError    the upstream LLM or the turn timed out (504)
+    ├── ChannelError                a chat platform refused or failed a delivery
+    │   ├── ChannelRetryableError   try again later (``retry_after`` seconds, if known)
+    │   └── ChannelPermanentError   never retry this message
+    └── TurnTimeoutError            the whole request exceeded ``api.timeout`` (504)
+"""
+
+from __future__ import annotations
+
+
+class NanobotError(Exception):
+    """Base of every expected nanobot failure; carries its OpenAI error shape."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class ConfigError(NanobotError):
+    """The configuration file or a value in it is invalid."""
+
+    status = 500
+    code = "config_error"
+
+
+class RequestError(NanobotError):
+    """The client's request is malformed."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(RequestError):
+    """Missing or wrong ``Authorization: Bearer`` key."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
+class NotFoundError(RequestError):
+    """No route matches the request path."""
+
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowedError(RequestError):
+    """The route exists but not for this method."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLargeError(RequestError):
+    """A file or the whole request body is over its limit."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaError(RequestError):
+    """The request's content type, or an uploaded file's type, is not supported."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class AttachmentError(NanobotError):
+    """An uploaded file is corrupt, encrypted or otherwise unreadable."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "unreadable_file"
+
+
+class ProviderError(NanobotError):
+    """The upstream LLM failed or answered with an error."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class ProviderTimeoutError(ProviderError):
+    """The upstream LLM did not answer in time."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class TurnTimeoutError(NanobotError):
+    """The whole request took longer than ``api.timeout``."""
+
+    status = 504
+    type = "timeout_error"
+    code = "timeout"
+
+
+class ChannelError(NanobotError):
+    """A chat platform refused or failed a delivery."""
+
+    status = 502
+    type = "channel_error"
+
+
+class ChannelRetryableError(ChannelError):
+    """A delivery failure worth retrying (429, 5xx, network)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ChannelPermanentError(ChannelError):
+    """A delivery failure that retrying cannot fix (400, 401, 403)."""

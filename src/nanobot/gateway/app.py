@@ -1,0 +1,49 @@
+"""The aiohttp application: routes and the one error/auth/request-id middleware."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from aiohttp import web
+
+from nanobot.attachments import AttachmentLimits
+from nanobot.bus import MessageBus
+from nanobot.channels.api import ApiChannel
+from nanobot.config import Config
+from nanobot.gateway.completions import chat_completions
+from nanobot.gateway.errors import make_middleware
+from nanobot.gateway.state import STATE, GatewayState
+
+_HEALTH = orjson.dumps({"status": "ok"})
+
+
+async def health(request: web.Request) -> web.Response:
+    """``GET /health``: the process is up and answering."""
+    return web.Response(body=_HEALTH, content_type="application/json")
+
+
+async def models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the one model this gateway serves."""
+    state = request.app[STATE]
+    body = {
+        "object": "list",
+        "data": [{"id": state.model, "object": "model", "created": state.created, "owned_by": "nanobot"}],
+    }
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def create_app(config: Config, bus: MessageBus, api: ApiChannel) -> web.Application:
+    """Build the gateway app over ``bus``; the ``api`` channel routes replies back to requests."""
+    # api.maxRequestBytes bounds a JSON body here; multipart bodies are counted part by part.
+    app = web.Application(
+        middlewares=[make_middleware(config.api.api_key)],
+        client_max_size=config.api.max_request_bytes,
+    )
+    app[STATE] = GatewayState(
+        config=config, bus=bus, api=api, limits=AttachmentLimits.from_api(config.api), created=int(time.time())
+    )
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    return app

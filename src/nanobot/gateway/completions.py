@@ -1,0 +1,208 @@
+"""``POST /v1/chat/completions``: HTTP in, an :class:`InboundMessage` onto the bus, the answer back out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import orjson
+from aiohttp import web
+
+from nanobot.bus import InboundKind, InboundMessage, OutboundKind, OutboundMessage
+from nanobot.errors import NanobotError, RequestError, UnsupportedMediaError
+from nanobot.gateway.errors import REQUEST_ID
+from nanobot.gateway.multipart import form_stream, read_multipart
+from nanobot.gateway.requests import ChatRequest, check_model, check_session_id, parse_chat_request
+from nanobot.gateway.sse import DONE, KEEP_ALIVE, ChunkWriter, error_event
+from nanobot.gateway.state import STATE, GatewayState
+from nanobot.gateway.uploads import build_inbound
+
+_JSON_TYPES = frozenset({"application/json", "", "application/x-www-form-urlencoded", "text/plain"})
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        api = state.config.api
+        form = await read_multipart(
+            request, max_file_bytes=api.max_file_bytes, max_files=api.max_files,
+            max_request_bytes=api.max_request_bytes,
+        )
+        check_model(form.fields.get("model") or None, state.model)
+        text = form.fields.get("message", "")
+        if not text.strip() and not form.files:
+            raise RequestError("the 'message' field is empty and no files were sent", param="message")
+        return ChatRequest(
+            text=text,
+            session_id=check_session_id(form.fields.get("session_id")),
+            stream=form_stream(form.fields.get("stream")),
+            include_usage=False,
+            instructions=form.fields.get("system", ""),
+            files=form.files,
+        )
+    if ctype not in _JSON_TYPES and not ctype.endswith("+json"):
+        raise UnsupportedMediaError(
+            f"Content-Type {ctype!r} is not supported; send application/json or multipart/form-data"
+        )
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"We could not parse the JSON body of your request: {exc}") from exc
+    return parse_chat_request(body, state.model)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """Validate, hand the turn to the agent over the bus, and answer as JSON or SSE."""
+    state = request.app[STATE]
+    chat = await _parse(request, state)
+    rid: str = request[REQUEST_ID]
+    msg = await build_inbound(chat, rid, state.limits)
+    queue = state.api.open(rid)
+    state.bus.publish_inbound(msg)
+    finished = False
+    try:
+        if chat.stream:
+            resp, finished = await _stream(request, state, chat, queue, rid)
+            return resp
+        resp = await _complete(state, queue)
+        finished = True
+        return resp
+    finally:
+        state.api.close(rid)
+        if not finished:  # client gone or failure: stop the turn and its upstream call
+            state.bus.publish_inbound(InboundMessage("api", msg.chat_id, request_id=rid, kind=InboundKind.CANCEL))
+
+
+def _completion_id() -> str:
+    return "chatcmpl-" + os.urandom(12).hex()
+
+
+async def _complete(state: GatewayState, queue: asyncio.Queue[OutboundMessage]) -> web.Response:
+    said: list[str] = []
+    while True:
+        out = await queue.get()
+        if out.kind is OutboundKind.REPLY:
+            break
+        if out.kind is OutboundKind.ERROR:
+            raise out.error or NanobotError("the turn failed")
+        if out.kind is OutboundKind.MESSAGE:
+            said.append(out.content)
+    content = "\n\n".join([*said, out.content]) if said else out.content
+    usage = out.usage.as_dict() if out.usage else {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    body = {
+        "id": _completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": state.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "logprobs": None,
+                "finish_reason": out.finish_reason or "stop",
+            }
+        ],
+        "usage": usage,
+        "system_fingerprint": None,
+    }
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+class _KeepAlive:
+    """Puts a keep-alive marker on the queue whenever the stream has been quiet for ``interval``."""
+
+    __slots__ = ("_handle", "_interval", "_loop", "_queue", "last_write")
+
+    def __init__(self, queue: asyncio.Queue[OutboundMessage], interval: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = queue
+        self._interval = interval
+        self.last_write = self._loop.time()
+        self._handle = self._loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        due = self.last_write + self._interval
+        if now >= due - 0.001:
+            self._queue.put_nowait(_KEEPALIVE_MARK)
+            self.last_write = now
+            due = now + self._interval
+        self._handle = self._loop.call_at(due, self._tick)
+
+    def wrote(self) -> None:
+        """Note that the stream just carried data."""
+        self.last_write = self._loop.time()
+
+    def cancel(self) -> None:
+        """Stop the timer."""
+        self._handle.cancel()
+
+
+_KEEPALIVE_MARK = OutboundMessage("", "", kind=OutboundKind.DELTA, reply_to="keep-alive")
+
+
+async def _stream(
+    request: web.Request,
+    state: GatewayState,
+    chat: ChatRequest,
+    queue: asyncio.Queue[OutboundMessage],
+    rid: str,
+) -> tuple[web.StreamResponse, bool]:
+    """Relay the turn as SSE; returns the response and whether the stream reached its end."""
+    resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": rid})
+    writer = ChunkWriter(_completion_id(), int(time.time()), state.model)
+    await resp.prepare(request)
+    await resp.write(writer.role())
+    keepalive = _KeepAlive(queue, state.config.api.keep_alive_seconds)
+    try:
+        return resp, await _relay(resp, writer, chat, queue, keepalive)
+    except ConnectionResetError:  # the client went away: the caller cancels the turn
+        return resp, False
+    finally:
+        keepalive.cancel()
+
+
+async def _relay(
+    resp: web.StreamResponse,
+    writer: ChunkWriter,
+    chat: ChatRequest,
+    queue: asyncio.Queue[OutboundMessage],
+    keepalive: _KeepAlive,
+) -> bool:
+    while True:
+        out = await queue.get()
+        frames: list[bytes] = []
+        # Relay everything already queued in one write: fewer syscalls under load, same order.
+        while True:
+            kind = out.kind
+            if out is _KEEPALIVE_MARK:
+                frames.append(KEEP_ALIVE)
+            elif kind is OutboundKind.DELTA:
+                frames.append(writer.content(out.content))
+            elif kind is OutboundKind.MESSAGE:
+                frames.append(writer.content(out.content + "\n\n"))
+            elif kind is OutboundKind.REPLY:
+                frames.append(writer.finish(out.finish_reason or "stop"))
+                if chat.include_usage and out.usage is not None:
+                    frames.append(writer.usage(out.usage))
+                frames.append(DONE)
+                await resp.write(b"".join(frames))
+                await resp.write_eof()
+                return True
+            elif kind is OutboundKind.ERROR:
+                frames.append(error_event(out.error or NanobotError("the turn failed")))
+                await resp.write(b"".join(frames))
+                await resp.write_eof()
+                return True
+            if queue.empty():
+                break
+            out = queue.get_nowait()
+        await resp.write(b"".join(frames))
+        keepalive.wrote()

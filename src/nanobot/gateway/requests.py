@@ -1,0 +1,161 @@
+"""Parse and validate a chat-completions request into a typed :class:`ChatRequest`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from nanobot.errors import RequestError
+
+MAX_SESSION_ID = 128
+_HISTORY_HINT = (
+    "This server keeps the conversation history per session_id: send exactly one 'user' message "
+    "(optionally after 'system'/'developer' messages) and pass session_id to continue a conversation."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FileInput:
+    """A file found in the request, not yet sniffed: from a data URL or a multipart upload."""
+
+    name: str | None
+    data: bytes
+    param: str
+
+
+@dataclass(frozen=True, slots=True)
+class RawPart:
+    """A file-bearing content part before decoding: a data URL string and where it was."""
+
+    url: str
+    name: str | None
+    param: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One validated chat-completions request."""
+
+    text: str
+    session_id: str
+    stream: bool
+    include_usage: bool
+    instructions: str = ""
+    parts: tuple[RawPart, ...] = ()
+    files: tuple[FileInput, ...] = ()
+
+
+def check_session_id(value: object) -> str:
+    """A valid session id: a string of 1-128 characters with no control characters; omitted → default."""
+    if value is None or value == "":
+        return "default"
+    if not isinstance(value, str):
+        raise RequestError("session_id must be a string", param="session_id")
+    if len(value) > MAX_SESSION_ID:
+        raise RequestError(f"session_id must be at most {MAX_SESSION_ID} characters", param="session_id")
+    if not value.isprintable():
+        raise RequestError("session_id must not contain control characters", param="session_id")
+    return value
+
+
+def check_model(value: object, model: str) -> None:
+    """The model must be omitted or be the one this server lists."""
+    if value is None or value == model:
+        return
+    raise RequestError(
+        f"The model {value!r} is not served here; omit 'model' or use {model!r} (see GET /v1/models).",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _text_of(content: object, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(f"{param}[{i}] must be a text part", param=param)
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise RequestError(f"{param} must be a string or a list of text parts", param=param)
+
+
+def _user_content(content: object, param: str) -> tuple[str, tuple[RawPart, ...]]:
+    if isinstance(content, str):
+        return content, ()
+    if not isinstance(content, list):
+        raise RequestError(f"{param} must be a string or a list of content parts", param=param)
+    texts: list[str] = []
+    parts: list[RawPart] = []
+    for i, part in enumerate(content):
+        where = f"{param}[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise RequestError(f"{where}.image_url.url must be a string", param=where)
+            parts.append(RawPart(url, None, where))
+        elif kind == "file":
+            file = part.get("file")
+            data = file.get("file_data") if isinstance(file, dict) else None
+            if not isinstance(data, str):
+                raise RequestError(f"{where}.file.file_data must be a data URL string", param=where)
+            name = file.get("filename") if isinstance(file, dict) else None
+            parts.append(RawPart(data, name if isinstance(name, str) else None, where))
+        else:
+            raise RequestError(
+                f"{where}: unsupported content part; use 'text', 'image_url' or 'file'", param=where
+            )
+    return "\n".join(texts), tuple(parts)
+
+
+def _split_messages(messages: object) -> tuple[str, dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list", param="messages")
+    instructions: list[str] = []
+    user: dict[str, Any] | None = None
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not isinstance(role, str):
+            raise RequestError(f"messages[{i}] must be an object with a 'role'", param="messages")
+        if role in ("system", "developer") and user is None:
+            instructions.append(_text_of(m.get("content"), f"messages[{i}].content"))
+        elif role == "user" and user is None:
+            user = m
+        else:
+            raise RequestError(f"messages[{i}] ({role}) is not accepted. {_HISTORY_HINT}", param="messages")
+    if user is None:
+        raise RequestError(f"messages has no 'user' message. {_HISTORY_HINT}", param="messages")
+    return "\n\n".join(s for s in instructions if s), user
+
+
+def parse_chat_request(body: object, model: str) -> ChatRequest:
+    """Validate a JSON chat-completions body; raise :class:`RequestError` naming what is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.")
+    check_model(body.get("model"), model)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("stream must be a boolean", param="stream")
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    instructions, user = _split_messages(body.get("messages"))
+    index = body["messages"].index(user)
+    text, parts = _user_content(user.get("content"), f"messages[{index}].content")
+    if not text.strip() and not parts:
+        raise RequestError("the user message is empty", param="messages")
+    return ChatRequest(
+        text=text,
+        session_id=check_session_id(body.get("session_id")),
+        stream=stream,
+        include_usage=include_usage,
+        instructions=instructions,
+        parts=parts,
+    )

@@ -1,0 +1,31 @@
+"""What the gateway's handlers share, held in one typed app key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from nanobot.attachments import AttachmentLimits
+from nanobot.bus import MessageBus
+from nanobot.channels.api import ApiChannel
+from nanobot.config import Config
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayState:
+    """The bus and the ``api`` channel the handlers talk to, and the settings they apply."""
+
+    config: Config
+    bus: MessageBus
+    api: ApiChannel
+    limits: AttachmentLimits
+    created: int
+
+    @property
+    def model(self) -> str:
+        """The one model served."""
+        return self.config.model
+
+
+STATE = web.AppKey("nanobot.gateway", GatewayState)

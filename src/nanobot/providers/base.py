@@ -1,0 +1,30 @@
+"""What a provider returns: the model's answer for one call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nanobot.bus import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One function call the model asked for; ``arguments`` is the raw JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def as_dict(self) -> dict[str, object]:
+        """The OpenAI ``tool_calls[]`` entry."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True, slots=True)
+class LLMResponse:
+    """The model's answer to one chat-completions call."""
+
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: str = "stop"
+    usage: Usage = field(default_factory=Usage)

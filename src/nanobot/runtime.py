@@ -1,0 +1,88 @@
+"""The composition root: builds every part from config and owns their start/stop order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from nanobot.agent.loop import AgentLoop
+from nanobot.agent.tools import MessageTool, ToolRegistry
+from nanobot.attachments import shutdown_extractors
+from nanobot.bus import MessageBus
+from nanobot.channels.api import ApiChannel
+from nanobot.channels.manager import build_channel_manager
+from nanobot.config import Config
+from nanobot.gateway.app import create_app
+from nanobot.providers.openai_compat import OpenAICompatProvider
+from nanobot.sessions import SessionStore
+
+log = logging.getLogger(__name__)
+
+
+def build_app(config: Config) -> web.Application:
+    """The gateway app with the whole runtime (sessions, provider, agent, channels) in its cleanup_ctx."""
+    bus = MessageBus()
+    api = ApiChannel()
+    app = create_app(config, bus, api)
+
+    async def runtime(_app: web.Application) -> AsyncIterator[None]:
+        defaults = config.agents.defaults
+        _name, provider_config = config.provider()
+        sessions = await SessionStore.open(defaults.workspace_path, max_messages=defaults.max_history_messages)
+        provider = OpenAICompatProvider(provider_config, model=defaults.model)
+        await provider.start()
+        tools = ToolRegistry([MessageTool()])
+        agent = AgentLoop(bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout)
+        manager = build_channel_manager(config, bus, api)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await manager.start()
+            tasks.append(asyncio.create_task(manager.run(), name="nanobot-channels"))
+            tasks.append(asyncio.create_task(agent.run(), name="nanobot-agent"))
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await manager.stop()
+            await provider.close()
+            await sessions.close()
+            await shutdown_extractors()
+
+    app.cleanup_ctx.append(runtime)
+    return app
+
+
+def install_uvloop() -> None:
+    """Use uvloop's faster event loop when it is installed."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Run the gateway until SIGINT/SIGTERM (or cancellation), then shut down in order."""
+    app = build_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, config.api.host, config.api.port, backlog=1024, reuse_address=True)
+        await site.start()
+        log.info("nanobot gateway listening on http://%s:%d (model %s)", config.api.host, config.api.port,
+                 config.model)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+    finally:
+        await runner.cleanup()

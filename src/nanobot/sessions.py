@@ -1,0 +1,249 @@
+"""Conversation history per session key, and the per-session turn locks.
+
+History lives in memory (a bounded LRU of recent sessions) backed by an embedded
+SQLite file under the workspace. Reads come from memory; a session not in memory is
+loaded once (only if it is known to exist on disk). Writes go to one database thread
+that commits whatever has queued up in one transaction (group commit), so a turn costs
+no thread hop of its own and the event loop never touches the disk. Session keys are
+only ever SQL parameters: no path is built from user input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from nanobot.errors import NanobotError
+
+ChatMessage = dict[str, Any]  # one message in OpenAI chat format (JSON-shaped by nature)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    session TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_session ON messages (session, id);
+CREATE TABLE IF NOT EXISTS sessions (key TEXT PRIMARY KEY);
+"""
+
+
+class SessionBackend(Protocol):
+    """Where history is kept; SQLite here, a shared engine when one machine is outgrown."""
+
+    async def keys(self) -> set[str]:
+        """Every session key that has history."""
+        ...
+
+    async def load(self, key: str, limit: int) -> list[ChatMessage]:
+        """The last ``limit`` messages of a session, oldest first."""
+        ...
+
+    async def append(self, key: str, messages: Sequence[ChatMessage]) -> None:
+        """Durably add messages to a session."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release the storage."""
+        ...
+
+
+_Job = Callable[[sqlite3.Connection], object]
+_STOP = object()
+
+
+class SqliteBackend:
+    """SQLite in WAL mode, driven by one dedicated thread that batches commits."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="nanobot-sessions-db", daemon=True)
+        self._ready = threading.Event()
+        self._thread.start()
+
+    # -- the database thread
+    def _run(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        self._ready.set()
+        jobs = self._jobs
+        try:
+            while True:
+                batch = [jobs.get()]
+                with contextlib.suppress(queue.Empty):
+                    while len(batch) < 512:
+                        batch.append(jobs.get_nowait())
+                if self._run_batch(db, batch):
+                    return
+        finally:
+            db.close()
+
+    def _run_batch(self, db: sqlite3.Connection, batch: list[object]) -> bool:
+        results: list[tuple[asyncio.Future[object], object, BaseException | None]] = []
+        stop = False
+        db.execute("BEGIN")
+        for item in batch:
+            if item is _STOP:
+                stop = True
+                continue
+            job, fut = item  # type: ignore[misc]
+            try:
+                results.append((fut, job(db), None))
+            except sqlite3.Error as exc:
+                results.append((fut, None, exc))
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            results = [(fut, None, exc) for fut, _, _ in results]
+        if results:
+            self._loop.call_soon_threadsafe(_settle, results)
+        return stop
+
+    async def _call(self, job: _Job) -> Any:
+        fut: asyncio.Future[object] = self._loop.create_future()
+        self._jobs.put((job, fut))
+        return await fut
+
+    # -- the interface
+    async def keys(self) -> set[str]:
+        """Every session key that has history."""
+        rows: list[tuple[str]] = await self._call(lambda db: db.execute("SELECT key FROM sessions").fetchall())
+        return {r[0] for r in rows}
+
+    async def load(self, key: str, limit: int) -> list[ChatMessage]:
+        """The last ``limit`` messages of ``key``, oldest first."""
+
+        def job(db: sqlite3.Connection) -> list[tuple[bytes]]:
+            sql = "SELECT data FROM messages WHERE session = ? ORDER BY id DESC LIMIT ?"
+            return db.execute(sql, (key, limit)).fetchall()
+
+        rows: list[tuple[bytes]] = await self._call(job)
+        return [orjson.loads(r[0]) for r in reversed(rows)]
+
+    async def append(self, key: str, messages: Sequence[ChatMessage]) -> None:
+        """Add messages to ``key``; returns once they are committed."""
+        rows = [(key, orjson.dumps(m)) for m in messages]
+
+        def job(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR IGNORE INTO sessions (key) VALUES (?)", (key,))
+            db.executemany("INSERT INTO messages (session, data) VALUES (?, ?)", rows)
+
+        await self._call(job)
+
+    async def close(self) -> None:
+        """Finish queued writes and stop the database thread."""
+        self._jobs.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+
+
+def _settle(results: list[tuple[asyncio.Future[object], object, BaseException | None]]) -> None:
+    for fut, value, exc in results:
+        if fut.done():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+
+
+def trim_history(messages: list[ChatMessage], limit: int) -> list[ChatMessage]:
+    """The last ``limit`` messages, starting at a user message so no tool result loses its call."""
+    if len(messages) <= limit:
+        start = 0
+    else:
+        start = len(messages) - limit
+    while start < len(messages) and messages[start].get("role") != "user":
+        start += 1
+    return messages[start:] if start else messages
+
+
+class SessionStore:
+    """History per session key, cached in memory, persisted through a :class:`SessionBackend`."""
+
+    def __init__(self, backend: SessionBackend, *, max_messages: int = 100, cache_size: int = 10_000) -> None:
+        self._backend = backend
+        self._max = max_messages
+        self._cache_size = cache_size
+        self._cache: OrderedDict[str, list[ChatMessage]] = OrderedDict()
+        self._known: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._waiters: dict[str, int] = {}
+
+    @classmethod
+    async def open(cls, workspace: Path, *, max_messages: int = 100) -> SessionStore:
+        """Open (or create) the session database under ``workspace``."""
+        backend = SqliteBackend(workspace / "sessions.db")
+        store = cls(backend, max_messages=max_messages)
+        store._known = await backend.keys()
+        return store
+
+    async def close(self) -> None:
+        """Flush pending writes and close the backend."""
+        await self._backend.close()
+
+    @contextlib.asynccontextmanager
+    async def lock(self, key: str) -> AsyncIterator[None]:
+        """Hold ``key``'s turn lock: turns on one session never interleave (FIFO, fair)."""
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        self._waiters[key] = self._waiters.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            left = self._waiters[key] - 1
+            if left:
+                self._waiters[key] = left
+            else:  # nobody else wants this session: forget its lock
+                del self._waiters[key]
+                del self._locks[key]
+
+    async def history(self, key: str) -> list[ChatMessage]:
+        """The bounded history of ``key`` (a copy the caller may extend)."""
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = await self._backend.load(key, self._max * 2) if key in self._known else []
+            cached = trim_history(cached, self._max)
+            self._remember(key, cached)
+        else:
+            self._cache.move_to_end(key)
+        return list(trim_history(cached, self._max))
+
+    async def append_turn(self, key: str, messages: Sequence[ChatMessage]) -> None:
+        """Persist one whole turn at once and make it part of the history.
+
+        The memory copy is updated first so the next turn on this session sees it; the
+        commit is shielded: a turn that reached this point is complete even if its
+        client goes away. If the commit fails, the memory copy is dropped and reloaded.
+        """
+        cached = self._cache.get(key)
+        if cached is not None:  # (if it was evicted meanwhile, the next turn reloads it)
+            cached.extend(messages)
+            if len(cached) > self._max * 2:
+                self._cache[key] = trim_history(cached, self._max)
+        self._known.add(key)
+        try:
+            await asyncio.shield(self._backend.append(key, messages))
+        except sqlite3.Error as exc:
+            self._cache.pop(key, None)
+            raise NanobotError(f"could not save the conversation: {exc}") from exc
+
+    def _remember(self, key: str, messages: list[ChatMessage]) -> None:
+        self._cache[key] = messages
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
