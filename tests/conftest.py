@@ -13,10 +13,9 @@ from aiohttp.test_utils import TestServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_llm import FakeLLM  # noqa: E402
-
-from nanobot.config import Config, parse_config  # noqa: E402
-from nanobot.runtime import build_app  # noqa: E402
+from fake_llm import FakeLLM
+from nanobot.config import Config, parse_config
+from nanobot.runtime import build_app
 
 MODEL = "test-model"
 
@@ -45,7 +44,9 @@ def make_config(fake_llm: FakeLLM, tmp_path: Path) -> Callable[..., Config]:
     def build(extra: dict[str, Any] | None = None) -> Config:
         base = {
             "agents": {"defaults": {"model": MODEL, "provider": "fake", "workspace": str(tmp_path / "ws")}},
-            "providers": {"fake": {"apiBase": fake_llm.url, "apiKey": "sk-upstream", "retryBaseSeconds": 0.001}},  # type: ignore[attr-defined]
+            "providers": {
+                "fake": {"apiBase": fake_llm.url, "apiKey": "sk-upstream", "retryBaseSeconds": 0.001}
+            },  # type: ignore[attr-defined]
         }
         return parse_config(merge(base, extra or {}))
 

@@ -9,6 +9,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+
 from conftest import MODEL
 from fake_llm import FakeLLM, Step
 
@@ -23,7 +24,10 @@ async def test_health_is_ok_and_carries_a_request_id(gateway: str) -> None:
 
 async def test_client_request_id_is_echoed(gateway: str) -> None:
     """A client's x-request-id comes back unchanged."""
-    async with aiohttp.ClientSession() as s, s.get(f"{gateway}/health", headers={"x-request-id": "abc-1"}) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{gateway}/health", headers={"x-request-id": "abc-1"}) as r,
+    ):
         assert r.headers["x-request-id"] == "abc-1"
 
 
@@ -45,8 +49,12 @@ async def test_non_stream_completion_has_the_full_openai_shape(gateway: str, fak
     assert isinstance(data["created"], int)
     assert data["model"] == MODEL
     assert data["choices"] == [
-        {"index": 0, "message": {"role": "assistant", "content": "echo: hi", "refusal": None},
-         "logprobs": None, "finish_reason": "stop"}
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "echo: hi", "refusal": None},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
     ]
     assert data["usage"] == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 
@@ -63,19 +71,27 @@ async def test_openai_client_non_stream(client: openai.AsyncOpenAI) -> None:
 
 async def test_history_is_kept_per_session(client: openai.AsyncOpenAI, fake_llm: FakeLLM) -> None:
     """A second turn on a session sends the first turn upstream; another session starts empty."""
-    await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "one"}],
-                                         extra_body={"session_id": "a"})
-    await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "two"}],
-                                         extra_body={"session_id": "a"})
-    await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "three"}],
-                                         extra_body={"session_id": "b"})
+    await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "one"}], extra_body={"session_id": "a"}
+    )
+    await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "two"}], extra_body={"session_id": "a"}
+    )
+    await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "three"}], extra_body={"session_id": "b"}
+    )
     second, third = fake_llm.requests[1]["messages"], fake_llm.requests[2]["messages"]
     assert [(m["role"], m["content"]) for m in second[1:]] == [
-        ("user", "one"), ("assistant", "echo: one"), ("user", "two")]
+        ("user", "one"),
+        ("assistant", "echo: one"),
+        ("user", "two"),
+    ]
     assert [(m["role"], m["content"]) for m in third[1:]] == [("user", "three")]
 
 
-async def test_omitted_session_id_shares_the_default_session(client: openai.AsyncOpenAI, fake_llm: FakeLLM) -> None:
+async def test_omitted_session_id_shares_the_default_session(
+    client: openai.AsyncOpenAI, fake_llm: FakeLLM
+) -> None:
     """Requests without session_id share api:default."""
     for text in ("x", "y"):
         await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}])
@@ -86,11 +102,14 @@ async def test_system_messages_are_instructions_for_this_turn_only(
     client: openai.AsyncOpenAI, fake_llm: FakeLLM
 ) -> None:
     """Leading system/developer messages reach the model this turn and are not stored."""
-    await client.chat.completions.create(model=MODEL, messages=[
-        {"role": "system", "content": "Speak French."}, {"role": "user", "content": "hi"}],
-        extra_body={"session_id": "sys"})
-    await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "again"}],
-                                         extra_body={"session_id": "sys"})
+    await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Speak French."}, {"role": "user", "content": "hi"}],
+        extra_body={"session_id": "sys"},
+    )
+    await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "again"}], extra_body={"session_id": "sys"}
+    )
     first, second = fake_llm.requests[0]["messages"], fake_llm.requests[1]["messages"]
     assert first[0]["role"] == "system" and "Speak French." in first[0]["content"]
     assert "Speak French." not in orjson.dumps(second).decode()
@@ -99,8 +118,15 @@ async def test_system_messages_are_instructions_for_this_turn_only(
 async def test_other_openai_fields_are_accepted(client: openai.AsyncOpenAI) -> None:
     """temperature, max_tokens, user, metadata, n... never cause a 400."""
     resp = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0.1, max_tokens=5, user="u",
-        top_p=0.5, presence_penalty=0.1, seed=3, extra_body={"metadata": {"k": "v"}},
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        temperature=0.1,
+        max_tokens=5,
+        user="u",
+        top_p=0.5,
+        presence_penalty=0.1,
+        seed=3,
+        extra_body={"metadata": {"k": "v"}},
     )
     assert resp.choices[0].message.content == "echo: hi"
 
@@ -109,7 +135,9 @@ async def test_stream_via_openai_client(client: openai.AsyncOpenAI, fake_llm: Fa
     """Streaming: role chunk first, content deltas, a finish chunk, a usage chunk, one id throughout."""
     fake_llm.push(Step(chunks=["Hel", "lo", " world"]))
     stream = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True,
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = [c async for c in stream]
@@ -161,7 +189,9 @@ async def test_keep_alive_comments_while_waiting(
 ) -> None:
     """While the agent works with nothing to send, the stream carries `: keep-alive` comments."""
     gate = asyncio.Event()
-    fake_llm.push(Step(tool_calls=[("message", {"content": "working"})]), Step(chunks=["x", "done"], gate=gate))
+    fake_llm.push(
+        Step(tool_calls=[("message", {"content": "working"})]), Step(chunks=["x", "done"], gate=gate)
+    )
     url = await start_gateway({"api": {"keepAliveSeconds": 0.05}})
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/chat/completions", json=body) as r:
@@ -178,11 +208,21 @@ async def test_keep_alive_comments_while_waiting(
 @pytest.mark.parametrize(
     ("body", "param", "needle"),
     [
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages", "session_id"),
-        ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}, "messages",
-         "session_id"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}, "messages",
-         "session_id"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            "messages",
+            "session_id",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+            "messages",
+            "session_id",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
+            "messages",
+            "session_id",
+        ),
         ({"messages": []}, "messages", "non-empty"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages", "no 'user' message"),
         ({"messages": [{"role": "user", "content": "a"}], "model": "gpt-4"}, "model", "/v1/models"),
@@ -208,12 +248,14 @@ async def test_bad_requests_get_a_400_naming_the_problem(
 async def test_malformed_json_and_wrong_content_type(gateway: str) -> None:
     """Broken JSON is a 400 and an unsupported Content-Type a 415, both in OpenAI shape."""
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{gateway}/v1/chat/completions", data=b"{nope",
-                          headers={"Content-Type": "application/json"}) as r:
+        async with s.post(
+            f"{gateway}/v1/chat/completions", data=b"{nope", headers={"Content-Type": "application/json"}
+        ) as r:
             assert r.status == 400
             assert "parse the JSON" in (await r.json())["error"]["message"]
-        async with s.post(f"{gateway}/v1/chat/completions", data=b"<x/>",
-                          headers={"Content-Type": "application/xml"}) as r:
+        async with s.post(
+            f"{gateway}/v1/chat/completions", data=b"<x/>", headers={"Content-Type": "application/xml"}
+        ) as r:
             assert r.status == 415
             assert (await r.json())["error"]["code"] == "unsupported_media_type"
 

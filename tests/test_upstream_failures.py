@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import openai
 import pytest
+
 from conftest import MODEL
 from fake_llm import FakeLLM, Step
 
@@ -57,7 +58,9 @@ async def test_unreachable_upstream_is_502(start_gateway: Callable[..., Awaitabl
         assert "cannot reach upstream" in (await r.json())["error"]["message"]
 
 
-async def test_stalled_upstream_is_504(start_gateway: Callable[..., Awaitable[str]], fake_llm: FakeLLM) -> None:
+async def test_stalled_upstream_is_504(
+    start_gateway: Callable[..., Awaitable[str]], fake_llm: FakeLLM
+) -> None:
     """An upstream that never answers hits the read timeout: 504."""
     fake_llm.push(Step(stall=True))
     url = await start_gateway({"providers": {"fake": {"readTimeout": 0.2}}})
@@ -67,7 +70,9 @@ async def test_stalled_upstream_is_504(start_gateway: Callable[..., Awaitable[st
         assert (await r.json())["error"]["code"] == "upstream_timeout"
 
 
-async def test_request_timeout_is_504(start_gateway: Callable[..., Awaitable[str]], fake_llm: FakeLLM) -> None:
+async def test_request_timeout_is_504(
+    start_gateway: Callable[..., Awaitable[str]], fake_llm: FakeLLM
+) -> None:
     """A turn longer than api.timeout is a 504 and the upstream call is cancelled."""
     fake_llm.push(Step(stall=True))
     url = await start_gateway({"api": {"timeout": 0.2}})
@@ -84,7 +89,8 @@ async def test_failure_mid_stream_is_an_error_event_not_a_stop(
     """An upstream that drops mid-stream yields one error event; the SDK raises, no fake stop."""
     fake_llm.push(Step(chunks=["partial", "more", "end"], drop_after=1))
     stream = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
     got: list[str] = []
     with pytest.raises(openai.APIError) as info:
         async for chunk in stream:
@@ -98,7 +104,8 @@ async def test_mid_stream_failure_is_not_retried(client: openai.AsyncOpenAI, fak
     """Once a delta reached the client, a failure is not retried (no duplicated text)."""
     fake_llm.push(Step(chunks=["partial", "more"], drop_after=1), Step(text="should not be used"))
     stream = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
     with pytest.raises(openai.APIError):
         async for _ in stream:
             pass
@@ -109,10 +116,12 @@ async def test_failed_turn_leaves_no_history(client: openai.AsyncOpenAI, fake_ll
     """After a failed turn, the session's history is as if it never started."""
     fake_llm.push(Step(status=400, error="bad"))
     with pytest.raises(openai.InternalServerError):
-        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "lost"}],
-                                             extra_body={"session_id": "f"})
-    await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "next"}],
-                                         extra_body={"session_id": "f"})
+        await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "lost"}], extra_body={"session_id": "f"}
+        )
+    await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "next"}], extra_body={"session_id": "f"}
+    )
     assert [m["content"] for m in fake_llm.requests[-1]["messages"][1:]] == ["next"]
 
 
@@ -174,8 +183,9 @@ async def test_upstream_gets_the_provider_key_and_extra_headers(
     url = await start_gateway({"providers": {"fake": {"extraHeaders": {"X-Team": "nb"}}}})
     async with aiohttp.ClientSession() as s:
         body = {"messages": [{"role": "user", "content": "hi"}]}
-        async with s.post(f"{url}/v1/chat/completions", json=body,
-                          headers={"Authorization": "Bearer client"}) as r:
+        async with s.post(
+            f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer client"}
+        ) as r:
             assert r.status == 200
     assert fake_llm.headers[0]["Authorization"] == "Bearer sk-upstream"
     assert fake_llm.headers[0]["X-Team"] == "nb"

@@ -70,8 +70,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(config))
     except OSError as exc:
-        print(f"nanobot: cannot listen on {config.api.host}:{config.api.port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(
+            f"nanobot: cannot listen on {config.api.host}:{config.api.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         pass

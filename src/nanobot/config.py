@@ -308,5 +308,3 @@ def with_overrides(config: Config, **api_overrides: object) -> Config:
     new = dataclasses.replace(config, api=dataclasses.replace(config.api, **given))  # type: ignore[arg-type]
     _check(new)
     return new
-
-

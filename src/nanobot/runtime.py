@@ -33,7 +33,9 @@ def build_app(config: Config) -> web.Application:
     async def runtime(_app: web.Application) -> AsyncIterator[None]:
         defaults = config.agents.defaults
         _name, provider_config = config.provider()
-        sessions = await SessionStore.open(defaults.workspace_path, max_messages=defaults.max_history_messages)
+        sessions = await SessionStore.open(
+            defaults.workspace_path, max_messages=defaults.max_history_messages
+        )
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
         tools = ToolRegistry([MessageTool()])
@@ -79,8 +81,12 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     try:
         site = web.TCPSite(runner, config.api.host, config.api.port, backlog=1024, reuse_address=True)
         await site.start()
-        log.info("nanobot gateway listening on http://%s:%d (model %s)", config.api.host, config.api.port,
-                 config.model)
+        log.info(
+            "nanobot gateway listening on http://%s:%d (model %s)",
+            config.api.host,
+            config.api.port,
+            config.model,
+        )
         if ready is not None:
             ready.set()
         await stop.wait()

@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -100,7 +100,7 @@ class SqliteBackend:
             if item is _STOP:
                 stop = True
                 continue
-            job, fut = item  # type: ignore[misc]
+            job, fut = cast(tuple[_Job, asyncio.Future[object]], item)
             try:
                 results.append((fut, job(db), None))
             except sqlite3.Error as exc:
@@ -121,7 +121,9 @@ class SqliteBackend:
     # -- the interface
     async def keys(self) -> set[str]:
         """Every session key that has history."""
-        rows: list[tuple[str]] = await self._call(lambda db: db.execute("SELECT key FROM sessions").fetchall())
+        rows: list[tuple[str]] = await self._call(
+            lambda db: db.execute("SELECT key FROM sessions").fetchall()
+        )
         return {r[0] for r in rows}
 
     async def load(self, key: str, limit: int) -> list[ChatMessage]:
@@ -162,10 +164,7 @@ def _settle(results: list[tuple[asyncio.Future[object], object, BaseException | 
 
 def trim_history(messages: list[ChatMessage], limit: int) -> list[ChatMessage]:
     """The last ``limit`` messages, starting at a user message so no tool result loses its call."""
-    if len(messages) <= limit:
-        start = 0
-    else:
-        start = len(messages) - limit
+    start = max(0, len(messages) - limit)
     while start < len(messages) and messages[start].get("role") != "user":
         start += 1
     return messages[start:] if start else messages

@@ -95,7 +95,9 @@ class AgentLoop:
     def _fail(self, msg: InboundMessage, error: NanobotError) -> None:
         log.warning("turn on %s failed: %s", msg.session_key, error.message)
         self._bus.publish_outbound(
-            OutboundMessage(msg.channel, msg.chat_id, kind=OutboundKind.ERROR, reply_to=msg.request_id, error=error)
+            OutboundMessage(
+                msg.channel, msg.chat_id, kind=OutboundKind.ERROR, reply_to=msg.request_id, error=error
+            )
         )
 
     def _context(self, msg: InboundMessage) -> list[ChatMessage]:
@@ -148,7 +150,9 @@ class AgentLoop:
                     messages.append(tool_msg)
                     new.append(tool_msg)
             else:
-                answer = f"(stopped after {defaults.max_tool_iterations} tool iterations without a final answer)"
+                answer = (
+                    f"(stopped after {defaults.max_tool_iterations} tool iterations without a final answer)"
+                )
                 finish = "length"
                 if on_delta is not None:
                     on_delta(answer)

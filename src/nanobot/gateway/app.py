@@ -41,7 +41,11 @@ def create_app(config: Config, bus: MessageBus, api: ApiChannel) -> web.Applicat
         client_max_size=config.api.max_request_bytes,
     )
     app[STATE] = GatewayState(
-        config=config, bus=bus, api=api, limits=AttachmentLimits.from_api(config.api), created=int(time.time())
+        config=config,
+        bus=bus,
+        api=api,
+        limits=AttachmentLimits.from_api(config.api),
+        created=int(time.time()),
     )
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)

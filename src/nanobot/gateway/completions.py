@@ -31,7 +31,9 @@ async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
     if ctype == "multipart/form-data":
         api = state.config.api
         form = await read_multipart(
-            request, max_file_bytes=api.max_file_bytes, max_files=api.max_files,
+            request,
+            max_file_bytes=api.max_file_bytes,
+            max_files=api.max_files,
             max_request_bytes=api.max_request_bytes,
         )
         check_model(form.fields.get("model") or None, state.model)
@@ -77,7 +79,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finally:
         state.api.close(rid)
         if not finished:  # client gone or failure: stop the turn and its upstream call
-            state.bus.publish_inbound(InboundMessage("api", msg.chat_id, request_id=rid, kind=InboundKind.CANCEL))
+            state.bus.publish_inbound(
+                InboundMessage("api", msg.chat_id, request_id=rid, kind=InboundKind.CANCEL)
+            )
 
 
 def _completion_id() -> str:
@@ -95,7 +99,9 @@ async def _complete(state: GatewayState, queue: asyncio.Queue[OutboundMessage]) 
         if out.kind is OutboundKind.MESSAGE:
             said.append(out.content)
     content = "\n\n".join([*said, out.content]) if said else out.content
-    usage = out.usage.as_dict() if out.usage else {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    usage = (
+        out.usage.as_dict() if out.usage else {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    )
     body = {
         "id": _completion_id(),
         "object": "chat.completion",

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from nanobot.errors import (
     AuthenticationError,
@@ -34,7 +35,9 @@ def error_body(exc: NanobotError) -> dict[str, dict[str, str | None]]:
 
 def error_response(exc: NanobotError) -> web.Response:
     """A JSON response carrying the OpenAI error object for ``exc``."""
-    return web.Response(status=exc.status, body=orjson.dumps(error_body(exc)), content_type="application/json")
+    return web.Response(
+        status=exc.status, body=orjson.dumps(error_body(exc)), content_type="application/json"
+    )
 
 
 def _translate_http(exc: web.HTTPException, request: web.Request) -> NanobotError:
@@ -43,7 +46,9 @@ def _translate_http(exc: web.HTTPException, request: web.Request) -> NanobotErro
         return NotFoundError(f"Unknown request URL: {request.method} {request.path}")
     if status == 405:
         allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
-        return MethodNotAllowedError(f"Method {request.method} is not allowed for {request.path}; use {allowed}")
+        return MethodNotAllowedError(
+            f"Method {request.method} is not allowed for {request.path}; use {allowed}"
+        )
     if status == 413:
         return PayloadTooLargeError(f"Request body is too large: {exc.text or ''}".strip())
     if status == 415:
@@ -60,7 +65,7 @@ def _request_id(request: web.Request) -> str:
     return "req_" + os.urandom(12).hex()
 
 
-def make_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_middleware(api_key: str) -> Middleware:
     """The middleware: request id, auth on ``/v1/*``, and every error as an OpenAI error body."""
     expected = f"Bearer {api_key}".encode() if api_key else b""
 

@@ -75,7 +75,11 @@ def _text_of(content: object, param: str) -> str:
     if isinstance(content, list):
         texts = []
         for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 raise RequestError(f"{param}[{i}] must be a text part", param=param)
             texts.append(part["text"])
         return "\n".join(texts)

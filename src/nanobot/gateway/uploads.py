@@ -24,7 +24,11 @@ async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLi
     prepared = await _prepare_all(chat, limits) if (chat.files or chat.parts) else []
     if not prepared:
         return InboundMessage(
-            "api", chat.session_id, chat.text, request_id=request_id, stream=chat.stream,
+            "api",
+            chat.session_id,
+            chat.text,
+            request_id=request_id,
+            stream=chat.stream,
             instructions=chat.instructions,
         )
     blocks = [p.model_block() for p in prepared if p.image is None]

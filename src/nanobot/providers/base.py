@@ -17,7 +17,11 @@ class ToolCall:
 
     def as_dict(self) -> dict[str, object]:
         """The OpenAI ``tool_calls[]`` entry."""
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,9 @@ def _error_message(status: int, body: bytes) -> str:
             detail = err["message"]
         elif isinstance(err, str):
             detail = err
-    return f"upstream LLM returned HTTP {status}: {detail}" if detail else f"upstream LLM returned HTTP {status}"
+    return (
+        f"upstream LLM returned HTTP {status}: {detail}" if detail else f"upstream LLM returned HTTP {status}"
+    )
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -131,10 +133,12 @@ class OpenAICompatProvider:
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, 60.0)
-        base = self._config.retry_base_seconds * (2 ** (attempt - 1))
+        base: float = self._config.retry_base_seconds * 2.0 ** (attempt - 1)
         return min(base, 30.0) * (0.5 + random.random() / 2)
 
-    async def _attempt(self, payload: bytes, on_delta: DeltaCallback | None, relayed: list[bool]) -> LLMResponse:
+    async def _attempt(
+        self, payload: bytes, on_delta: DeltaCallback | None, relayed: list[bool]
+    ) -> LLMResponse:
         session = self._session
         if session is None:
             raise ProviderError("provider is not started")
@@ -150,7 +154,9 @@ class OpenAICompatProvider:
                 return await _read_stream(resp, on_delta, relayed)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
             if relayed[0]:
-                raise ProviderError(f"upstream LLM connection lost mid-stream: {exc.__class__.__name__}") from exc
+                raise ProviderError(
+                    f"upstream LLM connection lost mid-stream: {exc.__class__.__name__}"
+                ) from exc
             raise _Retryable(ProviderError(f"cannot reach upstream LLM: {_safe(exc)}")) from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise ProviderTimeoutError("upstream LLM timed out") from exc
@@ -169,7 +175,9 @@ def _parse_completion(raw: bytes) -> LLMResponse:
         choice = data["choices"][0]
         message = choice.get("message") or {}
         calls = tuple(
-            ToolCall(str(c.get("id") or f"call_{i}"), c["function"]["name"], c["function"].get("arguments") or "{}")
+            ToolCall(
+                str(c.get("id") or f"call_{i}"), c["function"]["name"], c["function"].get("arguments") or "{}"
+            )
             for i, c in enumerate(message.get("tool_calls") or ())
         )
         return LLMResponse(
@@ -191,7 +199,9 @@ class _ToolCallParts:
         self.args: list[str] = []
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, on_delta: DeltaCallback, relayed: list[bool]) -> LLMResponse:
+async def _read_stream(
+    resp: aiohttp.ClientResponse, on_delta: DeltaCallback, relayed: list[bool]
+) -> LLMResponse:
     text: list[str] = []
     calls: dict[int, _ToolCallParts] = {}
     finish = "stop"
