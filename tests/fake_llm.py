@@ -90,21 +90,33 @@ class FakeLLM:
             err = {"error": {"message": step.error, "type": "server_error", "param": None, "code": None}}
             return web.json_response(err, status=step.status, headers=headers)
         calls = [
-            {"id": f"call_{next(self._ids)}", "type": "function",
-             "function": {"name": name, "arguments": orjson.dumps(args).decode()}}
+            {
+                "id": f"call_{next(self._ids)}",
+                "type": "function",
+                "function": {"name": name, "arguments": orjson.dumps(args).decode()},
+            }
             for name, args in step.tool_calls
         ]
         finish = step.finish_reason or ("tool_calls" if calls else "stop")
-        usage = {"prompt_tokens": step.usage[0], "completion_tokens": step.usage[1],
-                 "total_tokens": sum(step.usage)}
+        usage = {
+            "prompt_tokens": step.usage[0],
+            "completion_tokens": step.usage[1],
+            "total_tokens": sum(step.usage),
+        }
         if not body.get("stream"):
             message: Json = {"role": "assistant", "content": step.text or None}
             if calls:
                 message["tool_calls"] = calls
-            return web.json_response({
-                "id": "up-1", "object": "chat.completion", "created": 1, "model": body.get("model"),
-                "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage,
-            })
+            return web.json_response(
+                {
+                    "id": "up-1",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": body.get("model"),
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": usage,
+                }
+            )
         return await self._stream(request, body, step, calls, finish, usage)
 
     async def _stream(
@@ -114,8 +126,13 @@ class FakeLLM:
         await resp.prepare(request)
 
         async def send(delta: Json, finish_reason: str | None = None) -> None:
-            chunk = {"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": body.get("model"),
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            chunk = {
+                "id": "up-1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": body.get("model"),
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
 
         chunks = step.chunks if step.chunks is not None else ([step.text] if step.text else [])
@@ -130,12 +147,24 @@ class FakeLLM:
         for i, call in enumerate(calls):
             fn = call["function"]
             half = len(fn["arguments"]) // 2
-            await send({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                        "function": {"name": fn["name"], "arguments": fn["arguments"][:half]}}]})
+            await send(
+                {
+                    "tool_calls": [
+                        {
+                            "index": i,
+                            "id": call["id"],
+                            "type": "function",
+                            "function": {"name": fn["name"], "arguments": fn["arguments"][:half]},
+                        }
+                    ]
+                }
+            )
             await send({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"][half:]}}]})
         await send({}, finish)
         if (body.get("stream_options") or {}).get("include_usage"):
-            await resp.write(b"data: " + orjson.dumps({"id": "up-1", "choices": [], "usage": usage}) + b"\n\n")
+            await resp.write(
+                b"data: " + orjson.dumps({"id": "up-1", "choices": [], "usage": usage}) + b"\n\n"
+            )
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

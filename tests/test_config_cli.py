@@ -203,3 +203,18 @@ def test_cli_port_in_use_is_one_line(tmp_path: Path) -> None:
         code, err = run_cli("serve", "-c", str(path), "--port", str(port))
     assert code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_env_var_default_applies_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """${VAR:-default} falls back to the default when VAR is unset."""
+    monkeypatch.delenv("NB_UNSET_VAR", raising=False)
+    config = parse_config({"providers": {"openai": {"apiKey": "${NB_UNSET_VAR:-fallback}"}}})
+    assert config.providers["openai"].api_key == "fallback"
+
+
+def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented config.example.json loads with no environment variables set."""
+    for var in ("OPENAI_API_KEY", "TELEGRAM_BOT_TOKEN", "DISCORD_BOT_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    config = load_config(Path(__file__).parent.parent / "config.example.json")
+    assert config.api.port == 8900 and config.warnings == ()

@@ -1,7 +1,7 @@
 """Typed, frozen configuration, loaded once from nanobot's ``config.json``.
 
 Keys are camelCase (canonical) or snake_case. ``${ENV_VAR}`` inside string values is
-resolved at load. A bad value raises :class:`ConfigError` naming the key path
+resolved at load (``${ENV_VAR:-default}`` when it may be unset). A bad value raises :class:`ConfigError` naming the key path
 (``api.port: expected an integer, got "x"``); unknown keys become warnings.
 """
 
@@ -161,7 +161,7 @@ def _with_default_base(name: str, cfg: ProviderConfig) -> ProviderConfig:
 
 # --------------------------------------------------------------------------- loading
 
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _CAMEL_RE = re.compile(r"(?<!^)(?=[A-Z])")
 
 
@@ -186,8 +186,10 @@ def _describe(value: object, secret: bool) -> str:
 
 def _resolve_env(value: str, path: str) -> str:
     def sub(match: re.Match[str]) -> str:
-        name = match.group(1)
+        name, default = match.group(1), match.group(2)
         if name not in os.environ:
+            if default is not None:
+                return default
             raise ConfigError(f"{path}: environment variable {name} is not set")
         return os.environ[name]
 
