@@ -13,9 +13,10 @@ from aiohttp.test_utils import TestServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_llm import FakeLLM
 from nanobot.config import Config, parse_config
 from nanobot.runtime import build_app
+
+from fake_llm import FakeLLM
 
 MODEL = "test-model"
 

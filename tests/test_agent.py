@@ -8,11 +8,12 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import openai
 from aiohttp.test_utils import TestServer
-from conftest import MODEL
-from fake_llm import FakeLLM, Step
 
 from nanobot.config import Config
 from nanobot.runtime import build_app
+
+from conftest import MODEL
+from fake_llm import FakeLLM, Step
 
 
 async def ask(client: openai.AsyncOpenAI, text: str, session: str = "t") -> str:

@@ -13,10 +13,11 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from fake_llm import FakeLLM
 
 from nanobot.config import load_config, parse_config
 from nanobot.errors import ConfigError
+
+from fake_llm import FakeLLM
 
 
 def free_port() -> int:

@@ -1,8 +1,9 @@
 """Typed, frozen configuration, loaded once from nanobot's ``config.json``.
 
 Keys are camelCase (canonical) or snake_case. ``${ENV_VAR}`` inside string values is
-resolved at load (``${ENV_VAR:-default}`` when it may be unset). A bad value raises :class:`ConfigError` naming the key path
-(``api.port: expected an integer, got "x"``); unknown keys become warnings.
+resolved at load (``${ENV_VAR:-default}`` when it may be unset). A bad value raises
+:class:`ConfigError` naming the key path (``api.port: expected an integer, got "x"``);
+unknown keys become warnings.
 """
 
 from __future__ import annotations

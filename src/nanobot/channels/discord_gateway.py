@@ -17,7 +17,7 @@ import logging
 import random
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -39,6 +39,7 @@ _FATAL_CLOSE = {
     4014: "disallowed intents: enable the Message Content intent for the bot in the Developer Portal",
 }
 _NEW_SESSION_CLOSE = {4007, 4009}  # invalid sequence, session timed out: identify again
+_DATA = (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY)
 _RESUMABLE_CLOSE = 4000  # we close with a non-1000 code so the session stays resumable
 
 
@@ -87,7 +88,7 @@ class DiscordGateway:
                 return
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 healthy = False
-                log.warning("discord: gateway connection failed: %s", type(exc).__name__)
+                log.warning("discord: gateway connection failed: %s: %s", type(exc).__name__, exc)
             failures = 0 if healthy else failures + 1
             if failures:
                 await asyncio.sleep(min(60.0, 2.0 ** (failures - 1)) * random.uniform(0.5, 1.0))
@@ -95,17 +96,17 @@ class DiscordGateway:
     def _url(self) -> str:
         if not (self.session_id and self.resume_url):
             return self._config.gateway_url
-        query = urlsplit(self._config.gateway_url).query
-        if not query or "?" in self.resume_url:
-            return self.resume_url
-        return f"{self.resume_url.rstrip('/')}/?{query}"
+        # resume_gateway_url has no query: Discord asks us to add the original one (v, encoding).
+        resume = urlsplit(self.resume_url)
+        query = resume.query or urlsplit(self._config.gateway_url).query
+        return urlunsplit((resume.scheme, resume.netloc, resume.path or "/", query, ""))
 
     async def _connect(self) -> bool:
         """One connection, until it ends; True when it got as far as a session (READY/RESUMED)."""
         async with self._session.ws_connect(self._url(), autoping=True, max_msg_size=0) as ws:
             hello = await asyncio.wait_for(ws.receive(), HELLO_TIMEOUT)
-            if hello.type != aiohttp.WSMsgType.TEXT or orjson.loads(hello.data).get("op") != 10:
-                raise ValueError("expected HELLO")
+            if hello.type not in _DATA or orjson.loads(hello.data).get("op") != 10:
+                raise ValueError(f"expected HELLO, got a {hello.type.name} frame")
             interval = float(orjson.loads(hello.data)["d"]["heartbeat_interval"]) / 1000
             self._acked = True
             beat = asyncio.create_task(self._heartbeat(ws, interval))
@@ -139,7 +140,7 @@ class DiscordGateway:
         """Handle frames until the connection ends; True if a session was established."""
         established = False
         async for frame in ws:
-            if frame.type != aiohttp.WSMsgType.TEXT:
+            if frame.type not in _DATA:
                 continue
             payload = orjson.loads(frame.data)
             op = payload.get("op")

@@ -27,7 +27,7 @@ from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessa
 from nanobot.channels.api import ApiChannel
 from nanobot.channels.base import Channel
 from nanobot.channels.discord import DiscordChannel
-from nanobot.channels.outbox import NewMessage, OutboxEntry, OutboxStore, State
+from nanobot.channels.outbox import NewMessage, Outbox, OutboxEntry, OutboxStore, State
 from nanobot.channels.telegram import TelegramChannel
 from nanobot.config import ChannelsConfig, Config
 from nanobot.errors import ChannelError, ChannelPermanentError, ChannelRetryableError
@@ -69,7 +69,7 @@ class RetryPolicy:
         """Seconds to wait after the ``attempts``-th failed attempt."""
         if retry_after is not None:
             return max(0.0, float(retry_after))
-        backoff = min(self.cap, self.base * 2 ** (attempts - 1))
+        backoff = min(self.cap, self.base * 2.0 ** (attempts - 1))
         return backoff * random.uniform(0.5, 1.0)
 
 
@@ -81,7 +81,7 @@ class ChannelManager:
         bus: MessageBus,
         api: ApiChannel,
         channels: list[Channel],
-        store: OutboxStore,
+        store: Outbox,
         config: ChannelsConfig,
     ) -> None:
         self._bus = bus
@@ -106,7 +106,7 @@ class ChannelManager:
         return frozenset(self._channels)
 
     @property
-    def store(self) -> OutboxStore:
+    def store(self) -> Outbox:
         """The outbox behind the durable channels."""
         return self._store
 
@@ -136,12 +136,29 @@ class ChannelManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._keep_leftovers()
         for name, channel in list(self._channels.items()):
             try:
                 await channel.stop()
             except ChannelError as exc:
                 log.warning("channel %s did not stop cleanly: %s", name, exc)
         await self._store.close()
+
+    async def _keep_leftovers(self) -> None:
+        """Commit what was taken in but not yet stored, so a clean shutdown loses nothing."""
+        leftovers = self._intake + [
+            m
+            for m in self._bus.drain_outbound()
+            if m.channel != self._api.name and m.kind != OutboundKind.DELTA
+        ]
+        self._intake = []
+        if leftovers and self._store.is_open:
+            await self._commit(leftovers, deliver=False)
+        for msg in self._receipts.values():
+            _resolve(
+                msg, DeliveryReceipt("queued", "nanobot is shutting down; it will be sent after restart")
+            )
+        self._receipts.clear()
 
     async def run(self) -> None:
         """Dispatch outbound messages until cancelled (awaits the bus, never polls)."""
@@ -165,7 +182,13 @@ class ChannelManager:
         self._idle.clear()
 
     async def wait_idle(self) -> None:
-        """Wait until every message taken in is settled or waiting in the outbox's held state."""
+        """Take in what the bus holds, then wait until every message is delivered, failed or held."""
+        for msg in self._bus.drain_outbound():
+            if msg.channel == self._api.name:
+                self._api.deliver_nowait(msg)
+                _resolve(msg, DeliveryReceipt("sent"))
+            else:
+                self.dispatch(msg)
         await self._idle.wait()
 
     def _check_idle(self) -> None:
@@ -189,7 +212,7 @@ class ChannelManager:
                 self._committing = False
                 self._check_idle()
 
-    async def _commit(self, batch: list[OutboundMessage]) -> None:
+    async def _commit(self, batch: list[OutboundMessage], deliver: bool = True) -> None:
         news = []
         for msg in batch:
             content = APOLOGY if msg.kind == OutboundKind.ERROR else msg.content
@@ -208,6 +231,11 @@ class ChannelManager:
                 log.info("outbox: message %d for %s held: channel not enabled", entry.id, entry.channel)
                 _resolve(msg, DeliveryReceipt("queued", f"channel {entry.channel} is not enabled"))
                 continue
+            if not deliver:
+                _resolve(
+                    msg, DeliveryReceipt("queued", "nanobot is shutting down; it will be sent after restart")
+                )
+                continue
             if msg.receipt is not None:
                 self._receipts[entry.id] = msg
             self._enqueue(entry)
@@ -217,8 +245,13 @@ class ChannelManager:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("channel manager task %s crashed", task.get_name(), exc_info=task.exception())
 
     def _enqueue(self, entry: OutboxEntry) -> None:
         key = (entry.channel, entry.chat_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
@@ -13,17 +14,33 @@ from nanobot.bus import InboundKind, InboundMessage, OutboundKind, OutboundMessa
 from nanobot.errors import NanobotError, RequestError, UnsupportedMediaError
 from nanobot.gateway.errors import REQUEST_ID
 from nanobot.gateway.multipart import form_stream, read_multipart
-from nanobot.gateway.requests import ChatRequest, check_model, check_session_id, parse_chat_request
+from nanobot.gateway.requests import ChatRequest, FileInput, check_model, check_session_id, parse_chat_request
 from nanobot.gateway.sse import DONE, KEEP_ALIVE, ChunkWriter, error_event
 from nanobot.gateway.state import STATE, GatewayState
 from nanobot.gateway.uploads import build_inbound
 
-_JSON_TYPES = frozenset({"application/json", "", "application/x-www-form-urlencoded", "text/plain"})
+_URLENCODED = "application/x-www-form-urlencoded"
+_JSON_TYPES = frozenset({"application/json", "", _URLENCODED, "text/plain"})
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+
+def _form_request(fields: dict[str, str], files: tuple[FileInput, ...], model: str) -> ChatRequest:
+    check_model(fields.get("model") or None, model)
+    text = fields.get("message", "")
+    if not text.strip() and not files:
+        raise RequestError("the 'message' field is empty and no files were sent", param="message")
+    return ChatRequest(
+        text=text,
+        session_id=check_session_id(fields.get("session_id")),
+        stream=form_stream(fields.get("stream")),
+        include_usage=False,
+        instructions=fields.get("system", ""),
+        files=files,
+    )
 
 
 async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
@@ -36,23 +53,19 @@ async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
             max_files=api.max_files,
             max_request_bytes=api.max_request_bytes,
         )
-        check_model(form.fields.get("model") or None, state.model)
-        text = form.fields.get("message", "")
-        if not text.strip() and not form.files:
-            raise RequestError("the 'message' field is empty and no files were sent", param="message")
-        return ChatRequest(
-            text=text,
-            session_id=check_session_id(form.fields.get("session_id")),
-            stream=form_stream(form.fields.get("stream")),
-            include_usage=False,
-            instructions=form.fields.get("system", ""),
-            files=form.files,
-        )
+        return _form_request(form.fields, form.files, state.model)
     if ctype not in _JSON_TYPES and not ctype.endswith("+json"):
         raise UnsupportedMediaError(
             f"Content-Type {ctype!r} is not supported; send application/json or multipart/form-data"
         )
     raw = await request.read()
+    if ctype == _URLENCODED and not raw.lstrip().startswith(b"{"):
+        # `curl -d "message=hi"`: the same text fields as a multipart form, without files.
+        try:
+            fields = dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=True))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise RequestError("We could not parse the form body of your request.") from exc
+        return _form_request(fields, (), state.model)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

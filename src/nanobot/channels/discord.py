@@ -1,0 +1,187 @@
+"""The Discord channel, with plain aiohttp: REST to send, the Gateway websocket to receive.
+
+Sending posts each part (under 2000 characters) with a ``nonce`` derived from the outbox
+entry and ``enforce_nonce``, so a retry after a lost response never posts twice. Rate
+limits: a 429's ``retry_after`` goes back to the outbox; ``X-RateLimit-Remaining: 0``
+makes the next request to that chat wait ``X-RateLimit-Reset-After``.
+
+Receiving follows the Gateway protocol: HELLO → heartbeats (with ACK tracking) →
+IDENTIFY, or RESUME with ``session_id`` and the last sequence number after a drop.
+The protocol lives in ``DiscordGateway``; this module's channel only turns
+``MESSAGE_CREATE`` into inbound messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from nanobot.bus import InboundMessage, MessageBus, OutboundMessage
+from nanobot.channels.allow import AllowList
+from nanobot.channels.base import Channel
+from nanobot.channels.discord_gateway import DiscordGateway
+from nanobot.channels.text import split_markdown
+from nanobot.config import ChannelsConfig, DiscordConfig
+from nanobot.errors import ChannelPermanentError, ChannelRetryableError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_LENGTH = 2000
+REST_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
+
+
+def check_response(status: int, body: bytes, headers: dict[str, str]) -> Any:
+    """Return a REST call's JSON body, or raise the matching ``ChannelError``."""
+    try:
+        data = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        data = None
+    if 200 <= status < 300:
+        return data
+    detail = data if isinstance(data, dict) else {}
+    message = f"discord: {detail.get('message') or 'HTTP error'} (HTTP {status})"
+    if status == 429:
+        retry_after = detail.get("retry_after", headers.get("Retry-After"))
+        try:
+            wait = float(retry_after) if retry_after is not None else None
+        except ValueError:
+            wait = None
+        raise ChannelRetryableError(message, retry_after=wait)
+    if status >= 500:
+        raise ChannelRetryableError(message)
+    raise ChannelPermanentError(message)
+
+
+class DiscordChannel(Channel):
+    """Discord: the Gateway in, REST ``POST /channels/{id}/messages`` out."""
+
+    name = "discord"
+
+    def __init__(self, config: DiscordConfig, bus: MessageBus) -> None:
+        self._config = config
+        self._bus = bus
+        self._allow = AllowList(self.name, config.allow_from)
+        self._session: aiohttp.ClientSession | None = None
+        self._gateway: DiscordGateway | None = None
+        self._ready_at: dict[str, float] = {}  # chat id → when its rate-limit bucket refills
+        self.user_id = ""
+
+    @classmethod
+    def from_config(cls, channels: ChannelsConfig, bus: MessageBus) -> DiscordChannel | None:
+        """The channel when ``channels.discord.enabled``, else None."""
+        return cls(channels.discord, bus) if channels.discord.enabled else None
+
+    def __repr__(self) -> str:
+        return f"DiscordChannel(api_base={self._config.api_base!r}, user_id={self.user_id!r})"
+
+    @property
+    def gateway(self) -> DiscordGateway | None:
+        """The Gateway connection, once started."""
+        return self._gateway
+
+    async def start(self) -> None:
+        """Check the token (``GET /users/@me``), then connect to the Gateway."""
+        if not self._config.token:
+            raise ChannelPermanentError("discord: channels.discord.token is empty")
+        self._session = aiohttp.ClientSession()
+        try:
+            me = await self._request("GET", "/users/@me")
+        except ChannelPermanentError as exc:
+            raise ChannelPermanentError(
+                f"discord: the bot token was rejected ({exc.message}); check channels.discord.token"
+            ) from None
+        self.user_id = str(me.get("id", "")) if isinstance(me, dict) else ""
+        self._gateway = DiscordGateway(self._session, self._config, self._on_dispatch)
+        await self._gateway.start()
+
+    async def stop(self) -> None:
+        """Disconnect from the Gateway and close the HTTP session; safe to call twice."""
+        gateway, self._gateway = self._gateway, None
+        if gateway is not None:
+            await gateway.stop()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
+        if self._session is None:
+            raise ChannelRetryableError("discord: channel is not started")
+        url = f"{self._config.api_base.rstrip('/')}{path}"
+        data = orjson.dumps(payload) if payload is not None else None
+        # Per request, not on the session: the session also opens the Gateway websocket.
+        headers = {"Authorization": f"Bot {self._config.token}", "User-Agent": "DiscordBot (nanobot, 0.1)"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            request = self._session.request(method, url, data=data, headers=headers, timeout=REST_TIMEOUT)
+            async with request as resp:
+                body = await resp.read()
+                status, resp_headers = resp.status, dict(resp.headers)
+        except TimeoutError:
+            raise ChannelRetryableError(f"discord {method} {path}: timed out") from None
+        except aiohttp.ClientError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            raise ChannelRetryableError(f"discord {method} {path}: network error: {reason}") from exc
+        self._note_rate_limit(path, resp_headers)
+        return check_response(status, body, resp_headers)
+
+    def _note_rate_limit(self, path: str, headers: dict[str, str]) -> None:
+        if headers.get("X-RateLimit-Remaining") != "0":
+            return
+        try:
+            reset_after = float(headers.get("X-RateLimit-Reset-After", "0"))
+        except ValueError:
+            return
+        self._ready_at[path] = time.monotonic() + reset_after
+
+    # ----------------------------------------------------------------------- sending
+
+    async def send(self, msg: OutboundMessage) -> None:
+        """Post ``msg`` in parts, each with a stable nonce; resumes after ``metadata["parts_done"]``."""
+        parts = split_markdown(msg.content.strip(), MAX_MESSAGE_LENGTH)
+        path = f"/channels/{msg.chat_id}/messages"
+        seed = msg.metadata.get("delivery_id", "")
+        for index in range(int(msg.metadata.get("parts_done", "0")), len(parts)):
+            if parts[index].strip():
+                await self._wait_for_bucket(path)
+                payload: dict[str, Any] = {"content": parts[index], "allowed_mentions": {"parse": ["users"]}}
+                if seed:  # a nonce is at most 25 characters
+                    payload |= {"nonce": f"{seed}.{index}"[:25], "enforce_nonce": True}
+                await self._request("POST", path, payload)
+            msg.metadata["parts_done"] = str(index + 1)
+
+    async def _wait_for_bucket(self, path: str) -> None:
+        ready_at = self._ready_at.pop(path, 0.0)
+        delay = ready_at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)  # the bucket is empty until Discord's announced reset
+
+    # ----------------------------------------------------------------------- receiving
+
+    def _on_dispatch(self, event: str, data: dict[str, Any]) -> None:
+        if event == "MESSAGE_CREATE":
+            self._receive(data)
+
+    def _receive(self, data: dict[str, Any]) -> None:
+        """Turn a ``MESSAGE_CREATE`` from an allowed human into an InboundMessage."""
+        raw_author = data.get("author")
+        author: dict[str, Any] = raw_author if isinstance(raw_author, dict) else {}
+        author_id = str(author.get("id", ""))
+        if author.get("bot") or author_id == self.user_id:
+            return  # our own messages, and other bots'
+
+        content = data.get("content")
+        if not isinstance(content, str) or not content or "channel_id" not in data:
+            return
+        username = str(author.get("username", ""))
+        if not self._allow.permits(author_id, username):
+            return
+        metadata = {"message_id": str(data.get("id", "")), "username": username,
+                    "guild_id": str(data.get("guild_id", ""))}  # fmt: skip
+        self._bus.publish_inbound(InboundMessage(self.name, str(data["channel_id"]), content, author_id,
+                                                 metadata=metadata))  # fmt: skip

@@ -1,0 +1,359 @@
+"""The durable outbox: every message for a chat platform, in SQLite, before it is sent.
+
+States::
+
+    pending ──► delivered
+       │  └───► failed      (a permanent error, or ``maxAttempts`` used up; last error kept)
+       └──◄──► held         (its channel is not enabled; never sent while it stays disabled)
+               held ──► expired   (older than ``heldMaxAgeSeconds`` when its channel comes back)
+
+The file is ``<workspace>/outbox.db`` in WAL mode. All SQLite work runs on one dedicated
+writer thread, never on the event loop. The thread does *group commit*: it takes every
+job queued while the previous transaction ran and commits them together, so a burst of
+1,000 messages costs a handful of transactions, not 1,000 — and the async side
+resolves a whole batch with one loop wake-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import orjson
+
+from nanobot.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DELIVERED_KEEP_SECONDS = 7 * 86400.0  # delivered rows are pruned at start after a week
+_MAX_BATCH = 512  # jobs per transaction: bounds how long one commit keeps the others waiting
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid         TEXT    NOT NULL,
+    channel     TEXT    NOT NULL,
+    chat_id     TEXT    NOT NULL,
+    kind        TEXT    NOT NULL,
+    content     TEXT    NOT NULL,
+    metadata    TEXT    NOT NULL DEFAULT '{}',
+    state       TEXT    NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    parts_done  INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL    NOT NULL,
+    updated_at  REAL    NOT NULL,
+    next_at     REAL    NOT NULL,
+    last_error  TEXT    NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS outbox_state ON outbox (state, channel);
+"""
+
+_COLUMNS = (
+    "id, uid, channel, chat_id, kind, content, metadata, state, attempts, parts_done, "
+    "created_at, updated_at, next_at, last_error"
+)
+
+
+class State(StrEnum):
+    """Where an outbox entry is in its life."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    HELD = "held"
+    EXPIRED = "expired"
+
+
+@dataclass(slots=True)
+class OutboxEntry:
+    """One stored outbound message. Mutable: the delivery loop updates it, then saves it."""
+
+    id: int
+    uid: str  # random and stable: the seed of idempotency keys (Discord nonces)
+    channel: str
+    chat_id: str
+    kind: str
+    content: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    state: State = State.PENDING
+    attempts: int = 0
+    parts_done: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    next_at: float = 0.0
+    last_error: str = ""
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> OutboxEntry:
+        """Build from a ``SELECT {_COLUMNS}`` row."""
+        id_, uid, channel, chat_id, kind, content, meta, state, *progress = row
+        metadata = orjson.loads(meta) if meta else {}
+        return cls(id_, uid, channel, chat_id, kind, content, metadata, State(state), *progress)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to store: where it goes, what it says, and whether its channel is enabled."""
+
+    channel: str
+    chat_id: str
+    kind: str
+    content: str
+    metadata: dict[str, str]
+    held: bool = False
+
+
+# --------------------------------------------------------------------------- synchronous core
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the outbox database in WAL mode, in autocommit mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a commit survives a process crash (SIGKILL); only an OS crash or
+    # power loss can roll back the last transactions. FULL would fsync on every commit.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+def insert(conn: sqlite3.Connection, messages: Iterable[NewMessage], now: float) -> list[OutboxEntry]:
+    """Insert ``messages`` (pending, or held when their channel is disabled)."""
+    out: list[OutboxEntry] = []
+    sql = (
+        "INSERT INTO outbox (uid, channel, chat_id, kind, content, metadata, state, "
+        "created_at, updated_at, next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+    for m in messages:
+        uid = uuid.uuid4().hex[:16]
+        state = State.HELD if m.held else State.PENDING
+        meta = orjson.dumps(m.metadata).decode()
+        cur = conn.execute(sql, (uid, m.channel, m.chat_id, m.kind, m.content, meta, state, now, now, now))
+        assert cur.lastrowid is not None
+        out.append(
+            OutboxEntry(cur.lastrowid, uid, m.channel, m.chat_id, m.kind, m.content, m.metadata, state,
+                        created_at=now, updated_at=now, next_at=now)
+        )  # fmt: skip
+    return out
+
+
+def save(conn: sqlite3.Connection, entry: OutboxEntry) -> None:
+    """Write back an entry's delivery progress."""
+    conn.execute(
+        "UPDATE outbox SET state = ?, attempts = ?, parts_done = ?, updated_at = ?, next_at = ?, "
+        "last_error = ? WHERE id = ?",
+        (entry.state, entry.attempts, entry.parts_done, entry.updated_at, entry.next_at, entry.last_error,
+         entry.id),
+    )  # fmt: skip
+
+
+def recover(
+    conn: sqlite3.Connection, enabled: frozenset[str], held_max_age: float, now: float
+) -> list[OutboxEntry]:
+    """At start: settle held and pending entries for the channels now enabled; return the pending ones.
+
+    Held entries of enabled channels become pending, or ``expired`` when older than
+    ``held_max_age``; pending entries of channels no longer enabled become held.
+    """
+    names = sorted(enabled)
+    marks = ",".join("?" * len(names))
+    conn.execute(
+        f"UPDATE outbox SET state = 'expired', updated_at = ?, last_error = 'held too long' "
+        f"WHERE state = 'held' AND created_at < ? AND channel IN ({marks})",
+        (now, now - held_max_age, *names),
+    )
+    conn.execute(
+        f"UPDATE outbox SET state = 'pending', updated_at = ?, next_at = ? "
+        f"WHERE state = 'held' AND channel IN ({marks})",
+        (now, now, *names),
+    )
+    conn.execute(
+        f"UPDATE outbox SET state = 'held', updated_at = ? "
+        f"WHERE state = 'pending' AND channel NOT IN ({marks})",
+        (now, *names),
+    )
+    conn.execute(
+        "DELETE FROM outbox WHERE state = 'delivered' AND updated_at < ?", (now - DELIVERED_KEEP_SECONDS,)
+    )
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' ORDER BY id").fetchall()
+    return [OutboxEntry.from_row(row) for row in rows]
+
+
+def select(conn: sqlite3.Connection, states: Iterable[State] | None = None) -> list[OutboxEntry]:
+    """Entries in ``states`` (all when None), oldest first."""
+    if states is None:
+        rows = conn.execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id").fetchall()
+    else:
+        wanted = [str(s) for s in states]
+        marks = ",".join("?" * len(wanted))
+        sql = f"SELECT {_COLUMNS} FROM outbox WHERE state IN ({marks}) ORDER BY id"
+        rows = conn.execute(sql, wanted).fetchall()
+    return [OutboxEntry.from_row(row) for row in rows]
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+class Outbox(Protocol):
+    """What the channel manager needs from outbox storage (SQLite here; a shared engine could replace it)."""
+
+    @property
+    def is_open(self) -> bool:
+        """True between ``open`` and ``close``."""
+
+    async def open(self) -> None:
+        """Make the storage ready."""
+
+    async def close(self) -> None:
+        """Finish pending writes and release the storage."""
+
+    async def add(self, messages: list[NewMessage]) -> list[OutboxEntry]:
+        """Store new messages durably; returns them with their ids."""
+
+    def save_soon(self, entry: OutboxEntry) -> asyncio.Future[None]:
+        """Write back delivery progress without waiting for it."""
+
+    async def recover(self, enabled: frozenset[str], held_max_age: float) -> list[OutboxEntry]:
+        """Settle held and pending entries at start; return the pending ones, oldest first."""
+
+
+# --------------------------------------------------------------------------- the SQLite store
+
+_Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+
+
+class OutboxStore:
+    """The SQLite :class:`Outbox`: every call runs on one writer thread, batched into transactions."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def open(self) -> None:
+        """Open the database (on the writer thread) and start taking jobs."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        try:
+            conn = await asyncio.to_thread(connect, self.path)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(
+                f"agents.defaults.workspace: cannot open the outbox {self.path}: {exc}"
+            ) from exc
+        self._thread = threading.Thread(target=self._work, args=(conn,), name="nanobot-outbox", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_open(self) -> bool:
+        """True between ``open`` and ``close``."""
+        return self._thread is not None
+
+    async def close(self) -> None:
+        """Finish every queued job, then close the database; safe to call twice."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._jobs.put(None)
+        await asyncio.to_thread(thread.join)
+
+    def submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``job`` for the writer thread; the future resolves once its transaction commits."""
+        if self._thread is None or self._loop is None:
+            raise RuntimeError("the outbox is not open")
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._jobs.put((job, fut))
+        return fut
+
+    async def add(self, messages: list[NewMessage]) -> list[OutboxEntry]:
+        """Store new messages; returns once they are committed."""
+        return await self.submit(lambda conn: insert(conn, messages, time.time()))
+
+    def save_soon(self, entry: OutboxEntry) -> asyncio.Future[None]:
+        """Write back ``entry`` (a snapshot of it) without waiting for the commit."""
+        snapshot = OutboxEntry(**{name: getattr(entry, name) for name in OutboxEntry.__slots__})
+        fut = self.submit(lambda conn: save(conn, snapshot))
+        fut.add_done_callback(_log_failure)
+        return fut
+
+    async def recover(self, enabled: frozenset[str], held_max_age: float) -> list[OutboxEntry]:
+        """See :func:`recover`."""
+        return await self.submit(lambda conn: recover(conn, enabled, held_max_age, time.time()))
+
+    def _work(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stop = True
+                        break
+                    batch.append(job)
+                self._run_batch(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        """Run ``batch`` in one transaction, each job in a savepoint so one failure spares the rest."""
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job, _ in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    results.append((True, job(conn)))
+                    conn.execute("RELEASE job")
+                except Exception as exc:  # handed to the job's awaiter, never dropped
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            results = [(False, exc)] * len(batch)
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(_settle, [fut for _, fut in batch], results)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            log.warning("outbox: event loop closed before %d results were delivered", len(batch))
+
+
+def _settle(futures: list[asyncio.Future[Any]], results: list[tuple[bool, Any]]) -> None:
+    for fut, (ok, value) in zip(futures, results, strict=True):
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+def _log_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("outbox: could not save delivery progress: %s", fut.exception())

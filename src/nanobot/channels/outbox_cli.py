@@ -1,0 +1,103 @@
+"""``nanobot outbox list|retry ID|drop ID``: look into the durable outbox and fix it by hand.
+
+``list`` shows every message not yet delivered (``--all`` adds the delivered ones).
+``retry ID`` makes a failed, expired or held message pending again with fresh attempts;
+``drop ID`` deletes a message. A running ``nanobot serve`` reads the outbox at start,
+so a retried message goes out at its next start (or right away if it is not running
+and is started later).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from nanobot.channels.outbox import OutboxEntry, State, connect, select
+from nanobot.config import Config
+
+USAGE = "usage: nanobot outbox list [--all] | retry ID | drop ID"
+_PREVIEW = 40
+_ROW = "{:>6}  {:<9}  {:<9}  {:<14}  {:>5}  {:>6}  {}"
+
+
+def outbox_command(config: Config, argv: list[str], out: TextIO | None = None) -> int:
+    """Run one outbox subcommand; exit code 0 ok, 1 not found, 2 usage."""
+    stream = out if out is not None else sys.stdout
+    path = config.agents.defaults.workspace_path / "outbox.db"
+    match argv:
+        case ["list"] | ["list", "--all"]:
+            return _list(path, stream, everything=len(argv) == 2)
+        case ["retry", ident] if ident.isdigit():
+            return _change(path, int(ident), stream, retry=True)
+        case ["drop", ident] if ident.isdigit():
+            return _change(path, int(ident), stream, retry=False)
+        case _:
+            print(USAGE, file=sys.stderr if out is None else stream)
+            return 2
+
+
+def _list(path: Path, out: TextIO, everything: bool) -> int:
+    entries = _read(path, everything)
+    if not entries:
+        print("the outbox is empty", file=out)
+        return 0
+    print(_ROW.format("ID", "STATE", "CHANNEL", "CHAT", "TRIES", "AGE", "TEXT / LAST ERROR"), file=out)
+    now = time.time()
+    for e in entries:
+        text = e.content.replace("\n", " ")
+        text = text if len(text) <= _PREVIEW else text[: _PREVIEW - 1] + "…"
+        detail = f"{text}  [{e.last_error}]" if e.last_error and e.state != State.DELIVERED else text
+        age = _age(now - e.created_at)
+        print(_ROW.format(e.id, str(e.state), e.channel, e.chat_id, e.attempts, age, detail), file=out)
+    return 0
+
+
+def _read(path: Path, everything: bool) -> list[OutboxEntry]:
+    if not path.exists():
+        return []
+    conn = connect(path)
+    try:
+        states = None if everything else [s for s in State if s != State.DELIVERED]
+        return select(conn, states)
+    finally:
+        conn.close()
+
+
+def _change(path: Path, ident: int, out: TextIO, retry: bool) -> int:
+    if not path.exists():
+        print(f"no outbox message {ident}", file=out)
+        return 1
+    conn = connect(path)
+    try:
+        changed = _retry(conn, ident) if retry else _drop(conn, ident)
+    finally:
+        conn.close()
+    if not changed:
+        print(f"no outbox message {ident}" + (" that can be retried" if retry else ""), file=out)
+        return 1
+    print(f"message {ident} {'is pending again' if retry else 'dropped'}", file=out)
+    return 0
+
+
+def _retry(conn: sqlite3.Connection, ident: int) -> bool:
+    now = time.time()
+    cur = conn.execute(
+        "UPDATE outbox SET state = 'pending', attempts = 0, next_at = ?, updated_at = ?, created_at = ? "
+        "WHERE id = ? AND state IN ('failed', 'expired', 'held', 'pending')",
+        (now, now, now, ident),
+    )
+    return cur.rowcount > 0
+
+
+def _drop(conn: sqlite3.Connection, ident: int) -> bool:
+    return conn.execute("DELETE FROM outbox WHERE id = ?", (ident,)).rowcount > 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"

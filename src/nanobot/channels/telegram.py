@@ -1,0 +1,206 @@
+"""The Telegram channel, on the Bot API with plain aiohttp.
+
+Receiving is ``getUpdates`` long polling; sending is ``sendMessage`` with Markdown
+rendered as Telegram HTML, split under 4096 characters, and resent as plain text when
+Telegram cannot parse the markup. Bot API answers are mapped to our error tree in one
+place, :func:`check_response`.
+
+The bot token is part of every URL (``{api_base}/bot{token}/METHOD``), and aiohttp puts
+URLs into its exception messages. So every aiohttp error is re-raised here with the
+token redacted and *without* chaining (``from None``): a logged traceback must not carry
+the original exception's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import aiohttp
+import orjson
+
+from nanobot.bus import InboundMessage, MessageBus, OutboundMessage
+from nanobot.channels.allow import AllowList
+from nanobot.channels.base import Channel
+from nanobot.channels.text import markdown_to_telegram_html, split_markdown, utf16_len
+from nanobot.config import ChannelsConfig, TelegramConfig
+from nanobot.errors import ChannelError, ChannelPermanentError, ChannelRetryableError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_LENGTH = 4096  # UTF-16 code units, after entity parsing
+SEND_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
+_JSON = {"Content-Type": "application/json"}
+
+
+def check_response(method: str, status: int, body: bytes) -> Any:
+    """Return a Bot API call's ``result``, or raise the matching :class:`ChannelError`."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and data.get("ok") is True:
+        return data.get("result")
+    detail = data if isinstance(data, dict) else {}
+    code = detail.get("error_code", status)
+    description = str(detail.get("description") or f"HTTP {status}")
+    message = f"telegram {method}: {description} ({code})"
+    if code == 429 or status == 429:
+        params = detail.get("parameters")
+        retry_after = params.get("retry_after") if isinstance(params, dict) else None
+        wait = float(retry_after) if isinstance(retry_after, int | float) else None
+        raise ChannelRetryableError(message, retry_after=wait)
+    if status >= 500 or (isinstance(code, int) and code >= 500):
+        raise ChannelRetryableError(message)
+    raise ChannelPermanentError(message)
+
+
+def _obj(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _cannot_parse(exc: ChannelPermanentError) -> bool:
+    return "can't parse entities" in exc.message.lower()
+
+
+class TelegramChannel(Channel):
+    """Telegram via the Bot API: long polling in, ``sendMessage`` out."""
+
+    name = "telegram"
+
+    def __init__(self, config: TelegramConfig, bus: MessageBus) -> None:
+        self._config = config
+        self._bus = bus
+        self._base = f"{config.api_base.rstrip('/')}/bot{config.token}"
+        self._allow = AllowList(self.name, config.allow_from)
+        self._session: aiohttp.ClientSession | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self.username = ""
+
+    @classmethod
+    def from_config(cls, channels: ChannelsConfig, bus: MessageBus) -> TelegramChannel | None:
+        """The channel when ``channels.telegram.enabled``, else None."""
+        return cls(channels.telegram, bus) if channels.telegram.enabled else None
+
+    def __repr__(self) -> str:
+        return f"TelegramChannel(api_base={self._config.api_base!r}, username={self.username!r})"
+
+    def _redact(self, text: str) -> str:
+        token = self._config.token
+        return text.replace(token, "<token>") if token else text
+
+    async def start(self) -> None:
+        """Check the token with ``getMe``, then start long polling."""
+        if not self._config.token:
+            raise ChannelPermanentError("telegram: channels.telegram.token is empty")
+        self._session = aiohttp.ClientSession()
+        try:
+            me = await self.call("getMe", {})
+        except ChannelPermanentError as exc:
+            raise ChannelPermanentError(
+                f"telegram: the bot token was rejected ({exc.message}); check channels.telegram.token"
+            ) from None
+        self.username = str(me.get("username", "")) if isinstance(me, dict) else ""
+        log.info("telegram: connected as @%s", self.username)
+        self._poller = asyncio.create_task(self._poll(), name="telegram-poll")
+
+    async def stop(self) -> None:
+        """Stop polling and close the HTTP session; safe to call twice."""
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def call(
+        self, method: str, payload: dict[str, Any], limits: aiohttp.ClientTimeout = SEND_TIMEOUT
+    ) -> Any:
+        """Call a Bot API method; errors come back as :class:`ChannelError` with the token redacted."""
+        if self._session is None:
+            raise ChannelRetryableError("telegram: channel is not started")
+        url = f"{self._base}/{method}"
+        try:
+            data = orjson.dumps(payload)
+            async with self._session.post(url, data=data, headers=_JSON, timeout=limits) as resp:
+                body = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            raise ChannelRetryableError(f"telegram {method}: timed out") from None
+        except aiohttp.ClientError as exc:
+            # from None, not from exc: aiohttp's message may contain the URL, hence the token.
+            reason = self._redact(f"{type(exc).__name__}: {exc}")
+            raise ChannelRetryableError(f"telegram {method}: network error: {reason}") from None
+        try:
+            return check_response(method, status, body)
+        except ChannelError as exc:
+            exc.message = self._redact(exc.message)
+            exc.args = (exc.message,)
+            raise
+
+    # ----------------------------------------------------------------------- sending
+
+    async def send(self, msg: OutboundMessage) -> None:
+        """Send ``msg`` as one or more messages; resumes after ``metadata["parts_done"]``."""
+        parts = split_markdown(msg.content.strip(), MAX_MESSAGE_LENGTH, utf16_len)
+        done = int(msg.metadata.get("parts_done", "0"))
+        for index in range(done, len(parts)):
+            if parts[index].strip():
+                await self._send_part(msg.chat_id, parts[index])
+            msg.metadata["parts_done"] = str(index + 1)
+
+    async def _send_part(self, chat_id: str, text: str) -> None:
+        html = markdown_to_telegram_html(text)
+        payload: dict[str, Any] = {"chat_id": chat_id, "text": html, "parse_mode": "HTML"}
+        try:
+            await self.call("sendMessage", payload)
+        except ChannelPermanentError as exc:
+            if not _cannot_parse(exc):
+                raise
+            log.info("telegram: markup rejected (%s); sending as plain text", exc.message)
+            await self.call("sendMessage", {"chat_id": chat_id, "text": text})
+
+    # ----------------------------------------------------------------------- receiving
+
+    async def _poll(self) -> None:
+        """Long-poll ``getUpdates`` forever, backing off on errors."""
+        offset = 0
+        failures = 0
+        wait = self._config.poll_timeout
+        timeout = aiohttp.ClientTimeout(total=wait + 15, sock_connect=10)
+        while True:
+            payload = {"offset": offset, "timeout": wait, "allowed_updates": ["message"]}
+            try:
+                updates = await self.call("getUpdates", payload, timeout)
+            except ChannelError as exc:
+                failures += 1
+                delay = exc.retry_after if isinstance(exc, ChannelRetryableError) else None
+                delay = delay if delay is not None else min(60.0, 2.0**failures) * random.uniform(0.5, 1.0)
+                log.warning("telegram: polling failed (%s); retrying in %.1fs", exc.message, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for update in updates if isinstance(updates, list) else []:
+                if isinstance(update, dict) and isinstance(update.get("update_id"), int):
+                    offset = max(offset, update["update_id"] + 1)
+                    self._receive(update)
+
+    def _receive(self, update: dict[str, Any]) -> None:
+        """Turn one update with a text message into an InboundMessage, if its sender is allowed."""
+        message = update.get("message")
+        if not isinstance(message, dict) or not isinstance(message.get("text"), str):
+            return
+        sender, chat = _obj(message.get("from")), _obj(message.get("chat"))
+        if "id" not in chat or sender.get("is_bot"):
+            return
+        sender_id = str(sender.get("id", ""))
+        username = str(sender.get("username", ""))
+        if not self._allow.permits(sender_id, username):
+            return
+        metadata = {"message_id": str(message.get("message_id", "")), "username": username,
+                    "chat_type": str(chat.get("type", ""))}  # fmt: skip
+        inbound = InboundMessage(self.name, str(chat["id"]), message["text"], sender_id, metadata=metadata)
+        self._bus.publish_inbound(inbound)

@@ -1,0 +1,406 @@
+"""Fake chat platforms for tests: aiohttp servers on loopback that behave like the real ones.
+
+``FakeTelegram`` serves the Bot API (getMe, getUpdates long polling, sendMessage with
+Telegram's HTML checks) and can script failures: 429 with ``retry_after``, 5xx, 403,
+and 400 "can't parse entities". ``FakeDiscord`` serves REST (``/users/@me``, message
+posts with nonce de-duplication, 429s and rate-limit headers) and a Gateway websocket
+(HELLO, IDENTIFY/RESUME, heartbeats and ACKs, MESSAGE_CREATE, dropped connections).
+Both record what they received, and ``until`` waits for a condition on that record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from nanobot.bus import MessageBus
+from nanobot.channels.api import ApiChannel
+from nanobot.channels.manager import ChannelManager, build_channel_manager
+from nanobot.config import Config, parse_config
+
+TELEGRAM_TOKEN = "123456:SECRET-telegram-token-abc"
+DISCORD_TOKEN = "SECRET.discord.token-xyz"
+DISCORD_BOT_ID = "999"
+
+
+class Recorder:
+    """A condition that fakes notify on every change, so tests wait for state, not time."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+
+    async def changed(self) -> None:
+        """Wake everyone waiting in ``until``."""
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def until(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds, or fail after ``within`` seconds."""
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(predicate)
+
+
+@dataclass
+class Failure:
+    """A scripted error answer: HTTP status, description, and optional retry_after."""
+
+    status: int
+    description: str = "scripted failure"
+    retry_after: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- Telegram
+
+_TELEGRAM_TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "a", "code", "pre", "span",
+                  "tg-spoiler", "blockquote", "tg-emoji"}  # fmt: skip
+
+
+class _TelegramHtml(HTMLParser):
+    """Rejects what Telegram rejects: unknown tags and unbalanced ones."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in _TELEGRAM_TAGS:
+            raise ValueError(f'Unsupported start tag "{tag}"')
+        self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.stack or self.stack.pop() != tag:
+            raise ValueError(f'Can\'t find end tag corresponding to start tag "{tag}"')
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def telegram_visible_text(html: str) -> str:
+    """The text Telegram shows for ``html``; raises ValueError when Telegram would reject it."""
+    parser = _TelegramHtml()
+    parser.feed(html)
+    parser.close()
+    if parser.stack:
+        raise ValueError(f'Can\'t find end tag corresponding to start tag "{parser.stack[-1]}"')
+    return "".join(parser.text)
+
+
+class FakeTelegram(Recorder):
+    """The Telegram Bot API, as far as nanobot uses it."""
+
+    def __init__(self, token: str = TELEGRAM_TOKEN) -> None:
+        super().__init__()
+        self.token = token
+        self.sent: list[dict[str, Any]] = []  # accepted sendMessage payloads, in order
+        self.send_calls = 0
+        self.send_times: list[float] = []  # loop time of every sendMessage call
+        self.failures: deque[Failure] = deque()  # answers for the next sendMessage calls
+        self.rate_limit_every = 0  # when > 0, every Nth sendMessage call gets a 429
+        self.rate_limit_retry_after = 1.0
+        self.hold_after: int | None = None  # once this many are sent, park sendMessage calls until release
+        self.release = asyncio.Event()
+        self.parked = 0
+        self.redirect_loop = False  # redirect every call to itself: aiohttp's error then names the URL
+        self.updates: list[dict[str, Any]] = []
+        self.get_updates_calls = 0
+        self.confirmed_offset = 0  # the highest offset a getUpdates call has sent: updates below are handled
+        self._message_ids = itertools.count(1)
+        self._closing = False
+        self.app = web.Application()
+        self.app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        self.app.on_shutdown.append(self._shutdown)
+
+    async def _shutdown(self, app: web.Application) -> None:
+        self._closing = True
+        await self.changed()
+
+    def add_text(self, chat_id: int, user_id: int, text: str, username: str = "") -> None:
+        """Queue an incoming text message from a user in a private chat."""
+        sender: dict[str, Any] = {"id": user_id, "is_bot": False, "first_name": "Test"}
+        if username:
+            sender["username"] = username
+        message = {"message_id": len(self.updates) + 1, "from": sender, "text": text,
+                   "chat": {"id": chat_id, "type": "private"}, "date": 0}  # fmt: skip
+        self.updates.append({"update_id": 1000 + len(self.updates), "message": message})
+
+    async def handled(self) -> None:
+        """Wait until the bot has confirmed (via the next getUpdates offset) every update so far."""
+        last = self.updates[-1]["update_id"]
+        await self.until(lambda: self.confirmed_offset > last)
+
+    async def push_text(self, chat_id: int, user_id: int, text: str, username: str = "") -> None:
+        """``add_text`` and wake a waiting ``getUpdates``."""
+        self.add_text(chat_id, user_id, text, username)
+        await self.changed()
+
+    def texts(self, chat_id: int | str) -> list[str]:
+        """The visible text of every message delivered to ``chat_id``, in order."""
+        return [m["visible"] for m in self.sent if str(m["chat_id"]) == str(chat_id)]
+
+    @staticmethod
+    def _error(status: int, description: str, retry_after: float | None = None) -> web.Response:
+        body: dict[str, Any] = {"ok": False, "error_code": status, "description": description}
+        if retry_after is not None:
+            body["parameters"] = {"retry_after": retry_after}
+        return web.json_response(body, status=status, dumps=lambda o: orjson.dumps(o).decode())
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if self.redirect_loop:
+            raise web.HTTPFound(request.path)
+        if request.match_info["token"] != self.token:
+            return self._error(401, "Unauthorized")
+        method = request.match_info["method"]
+        payload = orjson.loads(await request.read() or b"{}")
+        if method == "getMe":
+            return web.json_response(
+                {"ok": True, "result": {"id": 123456, "is_bot": True, "username": "fake_bot"}}
+            )
+        if method == "getUpdates":
+            return await self._get_updates(payload)
+        if method == "sendMessage":
+            return await self._send_message(payload)
+        return self._error(404, "Not Found: method not found")
+
+    async def _get_updates(self, payload: dict[str, Any]) -> web.Response:
+        self.get_updates_calls += 1
+        offset = int(payload.get("offset", 0))
+        self.confirmed_offset = max(self.confirmed_offset, offset)
+        await self.changed()
+
+        def fresh() -> list[dict[str, Any]]:
+            return [u for u in self.updates if u["update_id"] >= offset]
+
+        with contextlib.suppress(TimeoutError):
+            await self.until(lambda: bool(fresh()) or self._closing, within=float(payload.get("timeout", 0)))
+        return web.json_response({"ok": True, "result": fresh()})
+
+    async def _send_message(self, payload: dict[str, Any]) -> web.Response:
+        self.send_calls += 1
+        self.send_times.append(asyncio.get_running_loop().time())
+        await self.changed()
+        if self.hold_after is not None and len(self.sent) >= self.hold_after and not self.release.is_set():
+            self.parked += 1
+            await self.changed()
+            await self.release.wait()  # a dying client cancels this handler: nothing is recorded
+        if self.failures:
+            failure = self.failures.popleft()
+            return self._error(failure.status, failure.description, failure.retry_after)
+        if self.rate_limit_every and self.send_calls % self.rate_limit_every == 0:
+            wait = self.rate_limit_retry_after
+            return self._error(429, f"Too Many Requests: retry after {wait}", wait)
+        text = str(payload.get("text", ""))
+        if not text.strip():
+            return self._error(400, "Bad Request: message text is empty")
+        visible = text
+        if payload.get("parse_mode") == "HTML":
+            try:
+                visible = telegram_visible_text(text)
+            except ValueError as exc:
+                return self._error(400, f"Bad Request: can't parse entities: {exc}")
+        if len(visible.encode("utf-16-le")) // 2 > 4096:
+            return self._error(400, "Bad Request: message is too long")
+        self.sent.append({**payload, "visible": visible, "message_id": next(self._message_ids)})
+        await self.changed()
+        return web.json_response({"ok": True, "result": {"message_id": self.sent[-1]["message_id"]}})
+
+
+# --------------------------------------------------------------------------- Discord
+
+
+class FakeDiscord(Recorder):
+    """Discord's REST API (users/@me, channel messages) and Gateway websocket."""
+
+    def __init__(self, token: str = DISCORD_TOKEN) -> None:
+        super().__init__()
+        self.token = token
+        self.messages: list[dict[str, Any]] = []  # created messages, in order
+        self.post_calls = 0
+        self.post_times: list[float] = []
+        self.failures: deque[Failure] = deque()
+        self.lose_responses = 0  # create the next N messages, then answer 502 as if the response was lost
+        self.heartbeat_interval_ms = 45_000
+        self.ack_heartbeats = True
+        self.identifies: list[dict[str, Any]] = []
+        self.resumes: list[dict[str, Any]] = []
+        self.heartbeats: list[int | None] = []
+        self.session_id = "fake-session-1"
+        self.events: list[dict[str, Any]] = []  # every dispatch sent, for replay on RESUME
+        self.ws: web.WebSocketResponse | None = None
+        self.gateway_url = ""  # set by the test once the server runs: where RESUME goes
+        self._nonces: dict[tuple[str, str], dict[str, Any]] = {}
+        self._ids = itertools.count(5000)
+        self.app = web.Application()
+        self.app.router.add_get("/api/users/@me", self._me)
+        self.app.router.add_post("/api/channels/{channel_id}/messages", self._post)
+        self.app.router.add_get("/gateway", self._gateway)
+
+    def _authorized(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bot {self.token}"
+
+    async def _me(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"message": "401: Unauthorized", "code": 0}, status=401)
+        return web.json_response({"id": DISCORD_BOT_ID, "username": "fakebot", "bot": True})
+
+    async def _post(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"message": "401: Unauthorized", "code": 0}, status=401)
+        self.post_calls += 1
+        self.post_times.append(asyncio.get_running_loop().time())
+        await self.changed()
+        if self.failures:
+            f = self.failures.popleft()
+            body: dict[str, Any] = {"message": f.description, "code": 0}
+            if f.retry_after is not None:
+                body |= {"retry_after": f.retry_after, "global": False}
+            return web.json_response(body, status=f.status, headers=f.headers)
+        payload = orjson.loads(await request.read())
+        channel_id = request.match_info["channel_id"]
+        nonce = payload.get("nonce")
+        if payload.get("enforce_nonce") and nonce and (channel_id, nonce) in self._nonces:
+            return web.json_response(self._nonces[(channel_id, nonce)])
+        message = {"id": str(next(self._ids)), "channel_id": channel_id, "content": payload["content"],
+                   "nonce": nonce}  # fmt: skip
+        self.messages.append(message)
+        if nonce:
+            self._nonces[(channel_id, nonce)] = message
+        await self.changed()
+        if self.lose_responses:
+            self.lose_responses -= 1
+            return web.json_response({"message": "Bad Gateway", "code": 0}, status=502)
+        return web.json_response(message)
+
+    def contents(self, channel_id: str) -> list[str]:
+        """Every message created in ``channel_id``, in order."""
+        return [m["content"] for m in self.messages if m["channel_id"] == channel_id]
+
+    async def dispatch_message(
+        self, channel_id: str, content: str, author_id: str = "42", username: str = "alice", bot: bool = False
+    ) -> None:
+        """Send a MESSAGE_CREATE (queued for replay if nobody is connected)."""
+        author = {"id": author_id, "username": username, "bot": bot}
+        data = {"id": str(next(self._ids)), "channel_id": channel_id, "content": content, "author": author}
+        await self._send_event("MESSAGE_CREATE", data)
+
+    async def send_op(self, op: int, data: object = None) -> None:
+        """Send a control frame (7 RECONNECT, 9 INVALID SESSION, 1 HEARTBEAT request)."""
+        if self.ws is not None:
+            await self.ws.send_str(orjson.dumps({"op": op, "d": data}).decode())
+
+    async def drop(self) -> None:
+        """Close the Gateway connection the way a network failure would (the session stays resumable)."""
+        if self.ws is not None:
+            await self.ws.close(code=4000, message=b"dropped by test")
+
+    async def _send_event(self, name: str, data: dict[str, Any]) -> None:
+        event = {"op": 0, "t": name, "s": len(self.events) + 1, "d": data}
+        self.events.append(event)
+        if self.ws is not None and not self.ws.closed:
+            await self.ws.send_str(orjson.dumps(event).decode())
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        await ws.send_str(
+            orjson.dumps({"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval_ms}}).decode()
+        )
+        async for frame in ws:
+            if frame.type != WSMsgType.TEXT and frame.type != WSMsgType.BINARY:
+                continue
+            payload = orjson.loads(frame.data)
+            op = payload.get("op")
+            if op == 1:
+                self.heartbeats.append(payload.get("d"))
+                if self.ack_heartbeats:
+                    await ws.send_str(orjson.dumps({"op": 11}).decode())
+            elif op == 2:
+                await self._identify(ws, payload["d"])
+            elif op == 6:
+                await self._resume(ws, payload["d"])
+            await self.changed()
+        if self.ws is ws:
+            self.ws = None
+        await self.changed()
+        return ws
+
+    async def _identify(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
+        self.identifies.append(data)
+        if data.get("token") != self.token:
+            await ws.close(code=4004, message=b"Authentication failed.")
+            return
+        self.ws = ws
+        ready = {"v": 10, "session_id": self.session_id, "resume_gateway_url": self.gateway_url,
+                 "user": {"id": DISCORD_BOT_ID, "username": "fakebot", "bot": True}}  # fmt: skip
+        await self._send_event("READY", ready)
+
+    async def _resume(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
+        self.resumes.append(data)
+        if data.get("session_id") != self.session_id or data.get("token") != self.token:
+            await ws.send_str(orjson.dumps({"op": 9, "d": False}).decode())
+            return
+        self.ws = ws
+        for event in self.events:
+            if event["s"] > (data.get("seq") or 0):
+                await ws.send_str(orjson.dumps(event).decode())
+        await self._send_event("RESUMED", {})
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def telegram_section(url: str, allow_from: list[str] | None = None) -> dict[str, Any]:
+    """``channels.telegram`` pointing at a fake Bot API at ``url``."""
+    allow = allow_from if allow_from is not None else ["*"]
+    return {"enabled": True, "token": TELEGRAM_TOKEN, "apiBase": url, "allowFrom": allow, "pollTimeout": 1}
+
+
+def discord_section(url: str, allow_from: list[str] | None = None) -> dict[str, Any]:
+    """``channels.discord`` pointing at a fake Discord whose root is ``url``."""
+    allow = allow_from if allow_from is not None else ["*"]
+    gateway = f"{url}/gateway?v=10&encoding=json"
+    return {"enabled": True, "token": DISCORD_TOKEN, "apiBase": f"{url}/api", "gatewayUrl": gateway,
+            "allowFrom": allow}  # fmt: skip
+
+
+def make_config(
+    workspace: Path,
+    telegram: str | None = None,
+    discord: str | None = None,
+    allow_from: list[str] | None = None,
+    **channels: Any,
+) -> Config:
+    """A Config with the outbox under ``workspace`` and channels pointed at fake servers."""
+    section: dict[str, Any] = {"retryBaseSeconds": 0.001, "retryMaxSeconds": 0.01, **channels}
+    if telegram is not None:
+        section["telegram"] = telegram_section(telegram, allow_from)
+    if discord is not None:
+        section["discord"] = discord_section(discord, allow_from)
+    return parse_config({"agents": {"defaults": {"workspace": str(workspace)}}, "channels": section})
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config, bus: MessageBus | None = None) -> AsyncIterator[ChannelManager]:
+    """Build, start and run a ChannelManager the way runtime.py does; stop it on exit."""
+    bus = bus if bus is not None else MessageBus()
+    manager = build_channel_manager(config, bus, ApiChannel())
+    await manager.start()
+    task = asyncio.create_task(manager.run())
+    try:
+        yield manager
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await manager.stop()
