@@ -26,14 +26,15 @@ from nanobot.errors import NanobotError
 
 ChatMessage = dict[str, Any]  # one message in OpenAI chat format (JSON-shaped by nature)
 
+# One row per turn (its messages as one JSON array): a turn is written, and read back,
+# as the unit it is — one INSERT per request instead of one per message.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
+CREATE TABLE IF NOT EXISTS turns (
     id INTEGER PRIMARY KEY,
     session TEXT NOT NULL,
     data BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS messages_session ON messages (session, id);
-CREATE TABLE IF NOT EXISTS sessions (key TEXT PRIMARY KEY);
+CREATE INDEX IF NOT EXISTS turns_session ON turns (session, id);
 """
 
 
@@ -45,7 +46,7 @@ class SessionBackend(Protocol):
         ...
 
     async def load(self, key: str, limit: int) -> list[ChatMessage]:
-        """The last ``limit`` messages of a session, oldest first."""
+        """At least the last ``limit`` messages of a session (whole turns), oldest first."""
         ...
 
     async def append(self, key: str, messages: Sequence[ChatMessage]) -> None:
@@ -122,29 +123,24 @@ class SqliteBackend:
     async def keys(self) -> set[str]:
         """Every session key that has history."""
         rows: list[tuple[str]] = await self._call(
-            lambda db: db.execute("SELECT key FROM sessions").fetchall()
+            lambda db: db.execute("SELECT DISTINCT session FROM turns").fetchall()
         )
         return {r[0] for r in rows}
 
     async def load(self, key: str, limit: int) -> list[ChatMessage]:
-        """The last ``limit`` messages of ``key``, oldest first."""
+        """The last ``limit`` turns of ``key`` (so at least ``limit`` messages), oldest first."""
 
         def job(db: sqlite3.Connection) -> list[tuple[bytes]]:
-            sql = "SELECT data FROM messages WHERE session = ? ORDER BY id DESC LIMIT ?"
+            sql = "SELECT data FROM turns WHERE session = ? ORDER BY id DESC LIMIT ?"
             return db.execute(sql, (key, limit)).fetchall()
 
         rows: list[tuple[bytes]] = await self._call(job)
-        return [orjson.loads(r[0]) for r in reversed(rows)]
+        return [m for r in reversed(rows) for m in orjson.loads(r[0])]
 
     async def append(self, key: str, messages: Sequence[ChatMessage]) -> None:
-        """Add messages to ``key``; returns once they are committed."""
-        rows = [(key, orjson.dumps(m)) for m in messages]
-
-        def job(db: sqlite3.Connection) -> None:
-            db.execute("INSERT OR IGNORE INTO sessions (key) VALUES (?)", (key,))
-            db.executemany("INSERT INTO messages (session, data) VALUES (?, ?)", rows)
-
-        await self._call(job)
+        """Add one turn's messages to ``key``; returns once they are committed."""
+        row = (key, orjson.dumps(messages))
+        await self._call(lambda db: db.execute("INSERT INTO turns (session, data) VALUES (?, ?)", row))
 
     async def close(self) -> None:
         """Finish queued writes and stop the database thread."""
@@ -216,7 +212,7 @@ class SessionStore:
         """The bounded history of ``key`` (a copy the caller may extend)."""
         cached = self._cache.get(key)
         if cached is None:
-            cached = await self._backend.load(key, self._max * 2) if key in self._known else []
+            cached = await self._backend.load(key, self._max) if key in self._known else []
             cached = trim_history(cached, self._max)
             self._remember(key, cached)
         else:
