@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -87,6 +88,10 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
             config.api.port,
             config.model,
         )
+        # Everything built so far lives for the whole process: keep it out of the collector's
+        # generations, so full collections stay short under load (fewer p99 pauses).
+        gc.collect()
+        gc.freeze()
         if ready is not None:
             ready.set()
         await stop.wait()

@@ -7,7 +7,8 @@ character budget is spent, so the cost of a huge document is bounded by its firs
 DOCX is read by streaming ``word/document.xml`` (and headers/footers) through
 ``ElementTree.iterparse`` with docx2txt's rules (``w:t`` text, ``w:tab``, ``w:br``,
 paragraph breaks). docx2txt itself loads the whole XML and its tree at once - about 15x
-the file size for a text-heavy 10 MB DOCX - and cannot stop early.
+the file size for a text-heavy 10 MB DOCX - and cannot stop early. PPTX is streamed the
+same way, slide by slide (see :mod:`nanobot.attachments.pptx_stream`).
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ import io
 import re
 import xml.etree.ElementTree as ET
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
 import openpyxl
-import pptx
 import pymupdf as _pymupdf
-from pptx.shapes.group import GroupShape
 
 from nanobot.attachments.collect import TextCollector
 from nanobot.attachments.failures import Unreadable, Unsupported
+from nanobot.attachments.pptx_stream import read_slides
 from nanobot.attachments.safezip import prescan
 
 pymupdf: Any = _pymupdf  # its stubs leave Document and Page.get_text untyped
@@ -210,34 +210,8 @@ def _cell_text(value: object) -> str:
 
 
 def extract_pptx(zf: zipfile.ZipFile, data: bytes, max_chars: int) -> str:
-    """Each slide under ``--- Slide N ---``: text frames, table rows (``a | b``), then notes."""
-    prs = pptx.Presentation(io.BytesIO(data))
-    slides = list(prs.slides)
-    out = TextCollector(max_chars)
-    for number, slide in enumerate(slides, 1):
-        out.add(f"--- Slide {number} ---\n")
-        for text in _shape_texts(slide.shapes):
-            if text.strip():
-                out.add(text + "\n")
-        if slide.has_notes_slide:
-            notes = slide.notes_slide.notes_text_frame
-            if notes is not None and notes.text.strip():
-                out.add(f"Notes: {notes.text}\n")
-        if out.full:
-            left = len(slides) - number
-            return out.result(f"{left:,} more slides" if left else "")
-    return out.result()
-
-
-def _shape_texts(shapes: Iterable[Any]) -> Iterator[str]:
-    for shape in shapes:
-        if isinstance(shape, GroupShape):
-            yield from _shape_texts(shape.shapes)
-        elif shape.has_text_frame:
-            yield shape.text_frame.text
-        elif getattr(shape, "has_table", False):
-            for row in shape.table.rows:
-                yield " | ".join(cell.text for cell in row.cells)
+    """Each slide under ``--- Slide N ---``: text frames, table rows (``a | b``), then notes, streamed."""
+    return read_slides(zf, max_chars)
 
 
 _OOXML_EXTRACTORS = {

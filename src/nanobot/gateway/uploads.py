@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from nanobot.attachments import AttachmentLimits, PreparedFile, decode_data_url, prepare_file
+from nanobot.attachments import (
+    AttachmentLimits,
+    PreparedFile,
+    compose_user_input,
+    decode_data_url,
+    prepare_file,
+)
 from nanobot.bus import InboundMessage
 from nanobot.gateway.requests import ChatRequest, FileInput
 
@@ -21,8 +27,7 @@ async def _prepare_all(chat: ChatRequest, limits: AttachmentLimits) -> list[Prep
 
 async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLimits) -> InboundMessage:
     """The :class:`InboundMessage` for an API request, its files sniffed, bounded and extracted."""
-    prepared = await _prepare_all(chat, limits) if (chat.files or chat.parts) else []
-    if not prepared:
+    if not (chat.files or chat.parts):
         return InboundMessage(
             "api",
             chat.session_id,
@@ -31,17 +36,14 @@ async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLi
             stream=chat.stream,
             instructions=chat.instructions,
         )
-    blocks = [p.model_block() for p in prepared if p.image is None]
-    placeholders = [p.history_text() for p in prepared]
-    content = "\n\n".join(s for s in (chat.text, *blocks) if s)
-    history = "\n\n".join(s for s in (chat.text, *placeholders) if s)
+    user = compose_user_input(chat.text, await _prepare_all(chat, limits))
     return InboundMessage(
         "api",
         chat.session_id,
-        content,
+        user.content,
         request_id=request_id,
         stream=chat.stream,
-        images=tuple(p.image for p in prepared if p.image is not None),
+        images=user.images,
         instructions=chat.instructions,
-        history_content=history,
+        history_content=user.history,
     )

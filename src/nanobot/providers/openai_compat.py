@@ -88,8 +88,9 @@ class OpenAICompatProvider:
             total=None, connect=self._config.connect_timeout, sock_read=self._config.read_timeout
         )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        # No cookies: an API client has no use for them, and the jar costs time on every call.
         self._session = aiohttp.ClientSession(
-            timeout=timeout, connector=connector, json_serialize=lambda o: orjson.dumps(o).decode()
+            timeout=timeout, connector=connector, cookie_jar=aiohttp.DummyCookieJar()
         )
 
     async def close(self) -> None:
