@@ -176,3 +176,16 @@ async def test_history_is_bounded(start_gateway: Callable[..., Awaitable[str]], 
                 assert r.status == 200
     sent = fake_llm.requests[-1]["messages"][1:]
     assert [m["content"] for m in sent] == ["m3", "echo: m3", "m4", "echo: m4", "m5"]
+
+
+async def test_message_tool_to_another_api_session_fails_clearly(
+    client: openai.AsyncOpenAI, fake_llm: FakeLLM
+) -> None:
+    """The api channel only answers the current request: sending to another api chat reports failure."""
+    fake_llm.push(
+        Step(tool_calls=[("message", {"content": "hi", "channel": "api", "chat_id": "someone-else"})]),
+        Step(text="done"),
+    )
+    assert await ask(client, "go", "me") == "done"
+    result = fake_llm.requests[1]["messages"][-1]["content"]
+    assert result.startswith("failed") and "api:someone-else" in result

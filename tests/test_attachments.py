@@ -7,11 +7,14 @@ import base64
 import codecs
 import io
 import os
+import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pptx
 import pytest
+from pptx.util import Inches
 
 from nanobot.attachments import (
     AttachmentLimits,
@@ -78,6 +81,101 @@ async def test_pptx_slides_tables_and_notes_are_extracted() -> None:
     assert deck.text == "--- Slide 1 ---\nRoadmap\n--- Slide 2 ---\nPricing\nNotes: say it slowly\n"
     table = await prepare_file("t.pptx", samples.make_pptx_with_table([["k", "v"], ["cpu", "2"]]), LIMITS)
     assert table.text == "--- Slide 1 ---\nk | v\ncpu | 2\n"
+
+
+def _edit_parts(data: bytes, edits: dict[str, Callable[[bytes], bytes]]) -> bytes:
+    """``data`` (an Office zip) with the named parts rewritten by their edit functions."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            content = src.read(name)
+            dst.writestr(name, edits[name](content) if name in edits else content)
+    return buf.getvalue()
+
+
+def _reverse_slide_list(presentation: bytes) -> bytes:
+    """presentation.xml with its ``p:sldIdLst`` entries in reverse order."""
+    ids = re.findall(rb"<p:sldId [^>]*/>", presentation)
+    assert len(ids) > 1
+    return presentation.replace(b"".join(ids), b"".join(reversed(ids)), 1)
+
+
+async def test_pptx_slide_order_follows_presentation_xml_not_file_names() -> None:
+    """Slides come in p:sldIdLst order, each with the notes its own relationship points to."""
+    deck = samples.make_pptx([("one", "first note"), "two", ("three", "third note")])
+    # python-pptx names the notes notesSlide1 and notesSlide2: slide3.xml has notesSlide2.xml
+    deck = _edit_parts(deck, {"ppt/presentation.xml": _reverse_slide_list})
+    f = await prepare_file("deck.pptx", deck, LIMITS)
+    assert f.text == (
+        "--- Slide 1 ---\nthree\nNotes: third note\n"
+        "--- Slide 2 ---\ntwo\n"
+        "--- Slide 3 ---\none\nNotes: first note\n"
+    )
+
+
+def _rich_deck() -> bytes:
+    """Placeholders, line breaks, blank paragraphs, nested groups, a table and multi-line notes."""
+    prs = pptx.Presentation()
+    slide = prs.slides.add_slide(prs.slide_layouts[1])  # title and content
+    assert slide.shapes.title is not None
+    slide.shapes.title.text = "Plan"
+    body = slide.placeholders[1].text_frame
+    body.text = "first"
+    for text in ("soft\vbreak", " ", "last"):
+        body.add_paragraph().text = text
+    group = slide.shapes.add_group_shape()
+    group.shapes.add_textbox(Inches(1), Inches(1), Inches(1), Inches(1)).text_frame.text = "grouped"
+    inner = group.shapes.add_group_shape()
+    inner.shapes.add_textbox(Inches(1), Inches(1), Inches(1), Inches(1)).text_frame.text = "nested"
+    slide.shapes.add_textbox(Inches(1), Inches(1), Inches(1), Inches(1)).text_frame.text = " \n "
+    slide.notes_slide.notes_text_frame.text = "say\nslowly"
+    slide = prs.slides.add_slide(prs.slide_layouts[6])
+    table = slide.shapes.add_table(3, 3, Inches(1), Inches(1), Inches(6), Inches(2)).table
+    for (row, col), text in {(0, 0): "k", (0, 1): "two\nlines", (1, 2): "x"}.items():
+        table.cell(row, col).text = text
+    table.cell(2, 0).merge(table.cell(2, 1))
+    table.cell(2, 0).text = "merged"
+    slide.shapes.add_textbox(Inches(1), Inches(4), Inches(1), Inches(1)).text_frame.text = "after"
+    slide.notes_slide.notes_text_frame.text = "  "  # blank notes are left out
+    buf = io.BytesIO()
+    prs.save(buf)
+    return buf.getvalue()
+
+
+async def test_pptx_frames_groups_tables_and_notes_keep_their_layout() -> None:
+    """Paragraphs one per line (a:br too), blank frames skipped, table cells joined by ' | '."""
+    f = await prepare_file("rich.pptx", _rich_deck(), LIMITS)
+    assert f.text == (
+        "--- Slide 1 ---\nPlan\nfirst\nsoft\nbreak\n \nlast\ngrouped\nnested\n"
+        "Notes: say\nslowly\n"
+        "--- Slide 2 ---\nk | two\nlines | \n |  | x\nmerged |  | \nafter\n"
+    )
+
+
+async def test_long_pptx_stops_reading_at_the_budget() -> None:
+    """A deck over max_extracted_chars is cut mid-slide and its later slides are never parsed."""
+    deck = samples.make_pptx([samples.words(50, seed=i) for i in range(5)])
+    deck = _edit_parts(deck, {"ppt/slides/slide3.xml": lambda xml: xml[: len(xml) // 2]})
+    f = await prepare_file("long.pptx", deck, AttachmentLimits(max_extracted_chars=60))
+    assert f.text is not None
+    body, _, marker = f.text.rpartition("\n")
+    assert len(body) == 60 and body.startswith("--- Slide 1 ---\n")
+    assert marker.startswith("[... truncated: ")
+    assert marker.endswith(", then the rest of slide 1 and 4 more slides not read]")
+    with pytest.raises(AttachmentError, match=r"^long.pptx could not be read \(ParseError\)"):
+        await prepare_file("long.pptx", deck, LIMITS)  # the cut slide is only reached without a cap
+
+
+async def test_pptx_with_a_doctype_is_refused_before_parsing() -> None:
+    """The zip pre-scan still refuses a slide declaring entities, before the slide reader runs."""
+    deck = _edit_parts(
+        samples.make_pptx(["hi"]),
+        {"ppt/slides/slide1.xml": lambda xml: xml.replace(b"?>", b'?><!DOCTYPE x [<!ENTITY e "e">]>', 1)},
+    )
+    with pytest.raises(
+        AttachmentError, match=r"^x.pptx has an XML part \(ppt/slides/slide1.xml\) with a DOCTYPE"
+    ):
+        await prepare_file("x.pptx", deck, LIMITS)
 
 
 async def test_long_document_is_capped_with_a_visible_marker() -> None:

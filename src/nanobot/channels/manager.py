@@ -168,10 +168,16 @@ class ChannelManager:
             msg = await bus.consume_outbound()
             if msg.channel == api.name:
                 # The hot path: straight to the waiting HTTP response.
-                api.deliver_nowait(msg)
-                _resolve(msg, DeliveryReceipt("sent"))
+                self._to_api(msg)
                 continue
             self.dispatch(msg)
+
+    def _to_api(self, msg: OutboundMessage) -> None:
+        if self._api.deliver_nowait(msg):
+            _resolve(msg, DeliveryReceipt("sent"))
+        else:
+            detail = f"no open request on api:{msg.chat_id}; the api channel only answers the current request"
+            _resolve(msg, DeliveryReceipt("failed", detail))
 
     def dispatch(self, msg: OutboundMessage) -> None:
         """Hand one platform message to the outbox (never awaits: the intake task commits it)."""
@@ -185,8 +191,7 @@ class ChannelManager:
         """Take in what the bus holds, then wait until every message is delivered, failed or held."""
         for msg in self._bus.drain_outbound():
             if msg.channel == self._api.name:
-                self._api.deliver_nowait(msg)
-                _resolve(msg, DeliveryReceipt("sent"))
+                self._to_api(msg)
             else:
                 self.dispatch(msg)
         await self._idle.wait()
