@@ -4,4 +4,6 @@ import sys
 
 from nanobot.cli import main
 
-sys.exit(main())
+# The guard matters: document extractors are spawned processes, which re-import this module.
+if __name__ == "__main__":
+    sys.exit(main())
