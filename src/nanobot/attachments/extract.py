@@ -20,20 +20,18 @@ import re
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import openpyxl
 import pymupdf as _pymupdf
 
 from nanobot.attachments.collect import TextCollector
 from nanobot.attachments.failures import Unreadable, Unsupported
+from nanobot.attachments.jobs import ExtractRequest, Outcome
 from nanobot.attachments.pptx_stream import read_slides
 from nanobot.attachments.safezip import prescan
 
 pymupdf: Any = _pymupdf  # its stubs leave Document and Page.get_text untyped
-
-OutcomeStatus = Literal["ok", "unreadable", "unsupported", "timeout"]
 
 _OOXML_MAIN_PARTS = (
     ("word/document.xml", "application/vnd.openxmlformats-officedocument.wordprocessingml.document"),
@@ -42,24 +40,6 @@ _OOXML_MAIN_PARTS = (
 )
 _DOCX_HEADER = re.compile(r"word/header\d*\.xml$")
 _DOCX_FOOTER = re.compile(r"word/footer\d*\.xml$")
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What an extraction produced: ``ok`` with ``mime`` and ``detail`` = the text, else the reason."""
-
-    status: OutcomeStatus
-    mime: str
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class ExtractRequest:
-    """What to extract (``kind`` from the sniffer: "pdf" or "zip") and within which budget."""
-
-    kind: str
-    max_chars: int
-    max_pdf_pages: int
 
 
 def extract(request: ExtractRequest, data: bytes) -> Outcome:

@@ -6,7 +6,7 @@ import asyncio
 import base64
 
 from nanobot.attachments.collect import cap_text
-from nanobot.attachments.extract import ExtractRequest
+from nanobot.attachments.jobs import ExtractRequest
 from nanobot.attachments.model import AttachmentLimits, PreparedFile
 from nanobot.attachments.names import sanitize_name
 from nanobot.attachments.sniff import (

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from nanobot.attachments.extract import ExtractRequest, Outcome
+from nanobot.attachments.jobs import ExtractRequest, Outcome
 from nanobot.errors import NanobotError
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def _worker_main(conn: Connection) -> None:
     warnings.simplefilter("ignore")  # parser warnings about odd files are not the operator's concern
     import pymupdf
 
-    from nanobot.attachments import extract  # imports openpyxl and python-pptx too
+    from nanobot.attachments import extract  # imports the parsers (pymupdf, openpyxl): workers only
 
     tools: Any = pymupdf.TOOLS  # pymupdf's stubs leave these untyped
     tools.mupdf_display_errors(False)
