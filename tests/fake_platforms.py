@@ -1,10 +1,11 @@
 """Fake chat platforms for tests: aiohttp servers on loopback that behave like the real ones.
 
 ``FakeTelegram`` serves the Bot API (getMe, getUpdates long polling, sendMessage with
-Telegram's HTML checks) and can script failures: 429 with ``retry_after``, 5xx, 403,
-and 400 "can't parse entities". ``FakeDiscord`` serves REST (``/users/@me``, message
-posts with nonce de-duplication, 429s and rate-limit headers) and a Gateway websocket
-(HELLO, IDENTIFY/RESUME, heartbeats and ACKs, MESSAGE_CREATE, dropped connections).
+Telegram's HTML checks, getFile and ``/file/bot<token>/<path>`` downloads) and can script
+failures: 429 with ``retry_after``, 5xx, 403, and 400 "can't parse entities".
+``FakeDiscord`` serves REST (``/users/@me``, message posts with nonce de-duplication,
+429s and rate-limit headers), attachment downloads from its own origin, and a Gateway
+websocket (HELLO, IDENTIFY/RESUME, heartbeats and ACKs, MESSAGE_CREATE, dropped connections).
 Both record what they received, and ``until`` waits for a condition on that record.
 """
 
@@ -58,6 +59,52 @@ class Failure:
     description: str = "scripted failure"
     retry_after: float | None = None
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class FileShelf:
+    """Files a fake platform serves for download, with a record of what was fetched.
+
+    ``stream`` sends bodies chunked with no Content-Length (the client must cap as it
+    reads); ``status`` answers every download with that HTTP error instead; ``gate``,
+    when set, parks downloads until it is set (``parked`` counts them).
+    """
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.downloads: list[str] = []  # keys whose download started, in order
+        self.stream = False
+        self.status = 200
+        self.gate: asyncio.Event | None = None
+        self.parked = 0
+        self._ids = itertools.count(1)
+
+    def put(self, data: bytes, key: str = "") -> str:
+        """Store ``data`` (under ``key``, or a fresh id) and return the key."""
+        key = key or f"file-{next(self._ids)}"
+        self.blobs[key] = data
+        return key
+
+    async def serve(self, request: web.Request, key: str, recorder: Recorder) -> web.StreamResponse:
+        """Answer a download of ``key``."""
+        self.downloads.append(key)
+        await recorder.changed()
+        if self.gate is not None and not self.gate.is_set():
+            self.parked += 1
+            await recorder.changed()
+            await self.gate.wait()
+        if key not in self.blobs or self.status != 200:
+            return web.Response(status=404 if self.status == 200 else self.status, text="no such file")
+        data = self.blobs[key]
+        if not self.stream:
+            return web.Response(body=data, content_type="application/octet-stream")
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):  # the client stops reading at its limit
+            for start in range(0, len(data), 65536):
+                await resp.write(data[start : start + 65536])
+            await resp.write_eof()
+        return resp
 
 
 # --------------------------------------------------------------------------- Telegram
@@ -116,9 +163,12 @@ class FakeTelegram(Recorder):
         self.updates: list[dict[str, Any]] = []
         self.get_updates_calls = 0
         self.confirmed_offset = 0  # the highest offset a getUpdates call has sent: updates below are handled
+        self.files = FileShelf()  # file_id → bytes, served by getFile and /file/bot<token>/<path>
+        self.get_file_calls: list[str] = []  # file_ids asked for, in order
         self._message_ids = itertools.count(1)
         self._closing = False
         self.app = web.Application()
+        self.app.router.add_get("/file/bot{token}/{path:.+}", self._download)
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle)
         self.app.on_shutdown.append(self._shutdown)
 
@@ -128,11 +178,39 @@ class FakeTelegram(Recorder):
 
     def add_text(self, chat_id: int, user_id: int, text: str, username: str = "") -> None:
         """Queue an incoming text message from a user in a private chat."""
+        self._add_message(chat_id, user_id, username, text=text)
+
+    def add_document(
+        self, chat_id: int, user_id: int, data: bytes, file_name: str, caption: str = "",
+        file_size: int | None = None,
+    ) -> str:  # fmt: skip
+        """Queue a document message (``file_size`` defaults to the real size); returns its file_id."""
+        file_id = self.files.put(data)
+        document = {"file_id": file_id, "file_unique_id": f"u{file_id}", "file_name": file_name,
+                    "file_size": len(data) if file_size is None else file_size}  # fmt: skip
+        self._add_message(chat_id, user_id, caption=caption, document=document)
+        return file_id
+
+    def add_photo(self, chat_id: int, user_id: int, data: bytes, caption: str = "") -> str:
+        """Queue a photo: a bogus 90x90 thumbnail, then ``data`` as the 800x600 size; returns the big id."""
+        sizes = []
+        for blob, side in ((b"thumbnail, not an image", 90), (data, 800)):
+            file_id = self.files.put(blob)
+            sizes.append({"file_id": file_id, "file_unique_id": f"u{file_id}", "width": side,
+                          "height": side * 3 // 4, "file_size": len(blob)})  # fmt: skip
+        self._add_message(chat_id, user_id, caption=caption, photo=sizes)
+        return str(sizes[-1]["file_id"])
+
+    def _add_message(
+        self, chat_id: int, user_id: int, username: str = "", caption: str = "", **fields: Any
+    ) -> None:
         sender: dict[str, Any] = {"id": user_id, "is_bot": False, "first_name": "Test"}
         if username:
             sender["username"] = username
-        message = {"message_id": len(self.updates) + 1, "from": sender, "text": text,
-                   "chat": {"id": chat_id, "type": "private"}, "date": 0}  # fmt: skip
+        if caption:
+            fields["caption"] = caption
+        message = {"message_id": len(self.updates) + 1, "from": sender,
+                   "chat": {"id": chat_id, "type": "private"}, "date": 0, **fields}  # fmt: skip
         self.updates.append({"update_id": 1000 + len(self.updates), "message": message})
 
     async def handled(self) -> None:
@@ -171,7 +249,23 @@ class FakeTelegram(Recorder):
             return await self._get_updates(payload)
         if method == "sendMessage":
             return await self._send_message(payload)
+        if method == "getFile":
+            return await self._get_file(str(payload.get("file_id", "")))
         return self._error(404, "Not Found: method not found")
+
+    async def _get_file(self, file_id: str) -> web.Response:
+        self.get_file_calls.append(file_id)
+        await self.changed()
+        if file_id not in self.files.blobs:
+            return self._error(400, "Bad Request: invalid file_id")
+        size = len(self.files.blobs[file_id])
+        result = {"file_id": file_id, "file_size": size, "file_path": f"documents/{file_id}"}
+        return web.json_response({"ok": True, "result": result})
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        if request.match_info["token"] != self.token:
+            return self._error(401, "Unauthorized")
+        return await self.files.serve(request, request.match_info["path"].rsplit("/", 1)[-1], self)
 
     async def _get_updates(self, payload: dict[str, Any]) -> web.Response:
         self.get_updates_calls += 1
@@ -239,9 +333,11 @@ class FakeDiscord(Recorder):
         self.events: list[dict[str, Any]] = []  # every dispatch sent, for replay on RESUME
         self.ws: web.WebSocketResponse | None = None
         self.gateway_url = ""  # set by the test once the server runs: where RESUME goes
+        self.files = FileShelf()  # attachments, served at /attachments/<name> on this origin
         self._nonces: dict[tuple[str, str], dict[str, Any]] = {}
         self._ids = itertools.count(5000)
         self.app = web.Application()
+        self.app.router.add_get("/attachments/{name}", self._attachment)
         self.app.router.add_get("/api/users/@me", self._me)
         self.app.router.add_post("/api/channels/{channel_id}/messages", self._post)
         self.app.router.add_get("/gateway", self._gateway)
@@ -282,16 +378,33 @@ class FakeDiscord(Recorder):
             return web.json_response({"message": "Bad Gateway", "code": 0}, status=502)
         return web.json_response(message)
 
+    async def _attachment(self, request: web.Request) -> web.StreamResponse:
+        return await self.files.serve(request, request.match_info["name"], self)
+
+    def attachment(self, root: str, name: str, data: bytes, size: int | None = None) -> dict[str, Any]:
+        """Store ``data`` as an attachment served under ``root`` (a URL); returns its message object."""
+        self.files.put(data, name)
+        url = f"{root}/attachments/{name}"
+        return {"id": str(next(self._ids)), "filename": name, "size": len(data) if size is None else size,
+                "url": url, "proxy_url": url}  # fmt: skip
+
     def contents(self, channel_id: str) -> list[str]:
         """Every message created in ``channel_id``, in order."""
         return [m["content"] for m in self.messages if m["channel_id"] == channel_id]
 
     async def dispatch_message(
-        self, channel_id: str, content: str, author_id: str = "42", username: str = "alice", bot: bool = False
+        self,
+        channel_id: str,
+        content: str,
+        author_id: str = "42",
+        username: str = "alice",
+        bot: bool = False,
+        attachments: list[dict[str, Any]] | None = None,
     ) -> None:
         """Send a MESSAGE_CREATE (queued for replay if nobody is connected)."""
         author = {"id": author_id, "username": username, "bot": bot}
-        data = {"id": str(next(self._ids)), "channel_id": channel_id, "content": content, "author": author}
+        data = {"id": str(next(self._ids)), "channel_id": channel_id, "content": content, "author": author,
+                "attachments": attachments or []}  # fmt: skip
         await self._send_event("MESSAGE_CREATE", data)
 
     async def send_op(self, op: int, data: object = None) -> None:

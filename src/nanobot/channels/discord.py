@@ -8,7 +8,9 @@ makes the next request to that chat wait ``X-RateLimit-Reset-After``.
 Receiving follows the Gateway protocol: HELLO → heartbeats (with ACK tracking) →
 IDENTIFY, or RESUME with ``session_id`` and the last sequence number after a drop.
 The protocol lives in ``DiscordGateway``; this module's channel only turns
-``MESSAGE_CREATE`` into inbound messages.
+``MESSAGE_CREATE`` into inbound messages. Its ``attachments`` go to the channel's
+:class:`~nanobot.channels.files.FileIntake`, downloaded only from Discord's CDN hosts
+or the configured ``api_base``'s origin: the server never fetches arbitrary URLs.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from nanobot.bus import InboundMessage, MessageBus, OutboundMessage
 from nanobot.channels.allow import AllowList
 from nanobot.channels.base import Channel
 from nanobot.channels.discord_gateway import DiscordGateway
+from nanobot.channels.files import FileIntake, FileLimits, RemoteFile, download, origin
 from nanobot.channels.text import split_markdown
-from nanobot.config import ChannelsConfig, DiscordConfig
-from nanobot.errors import ChannelPermanentError, ChannelRetryableError
+from nanobot.config import Config, DiscordConfig
+from nanobot.errors import ChannelPermanentError, ChannelRetryableError, RequestError
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_LENGTH = 2000
 REST_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
+CDN_ORIGINS = ("https://cdn.discordapp.com", "https://media.discordapp.net")
 
 
 def check_response(status: int, body: bytes, headers: dict[str, str]) -> Any:
@@ -62,19 +66,22 @@ class DiscordChannel(Channel):
 
     name = "discord"
 
-    def __init__(self, config: DiscordConfig, bus: MessageBus) -> None:
+    def __init__(self, config: DiscordConfig, bus: MessageBus, limits: FileLimits | None = None) -> None:
         self._config = config
         self._bus = bus
         self._allow = AllowList(self.name, config.allow_from)
+        self._files = FileIntake(self.name, bus, limits or FileLimits())
+        self._trusted = {o for o in (origin(config.api_base), *map(origin, CDN_ORIGINS)) if o is not None}
         self._session: aiohttp.ClientSession | None = None
         self._gateway: DiscordGateway | None = None
         self._ready_at: dict[str, float] = {}  # chat id → when its rate-limit bucket refills
         self.user_id = ""
 
     @classmethod
-    def from_config(cls, channels: ChannelsConfig, bus: MessageBus) -> DiscordChannel | None:
-        """The channel when ``channels.discord.enabled``, else None."""
-        return cls(channels.discord, bus) if channels.discord.enabled else None
+    def from_config(cls, config: Config, bus: MessageBus) -> DiscordChannel | None:
+        """The channel when ``channels.discord.enabled``, else None; files obey ``api``'s limits."""
+        discord = config.channels.discord
+        return cls(discord, bus, FileLimits.from_api(config.api)) if discord.enabled else None
 
     def __repr__(self) -> str:
         return f"DiscordChannel(api_base={self._config.api_base!r}, user_id={self.user_id!r})"
@@ -100,10 +107,11 @@ class DiscordChannel(Channel):
         await self._gateway.start()
 
     async def stop(self) -> None:
-        """Disconnect from the Gateway and close the HTTP session; safe to call twice."""
+        """Disconnect from the Gateway, stop the files in progress, close the HTTP session; safe twice."""
         gateway, self._gateway = self._gateway, None
         if gateway is not None:
             await gateway.stop()
+        await self._files.stop()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -168,7 +176,7 @@ class DiscordChannel(Channel):
             self._receive(data)
 
     def _receive(self, data: dict[str, Any]) -> None:
-        """Turn a ``MESSAGE_CREATE`` from an allowed human into an InboundMessage."""
+        """Turn a ``MESSAGE_CREATE`` from an allowed human into an InboundMessage; files go to the intake."""
         raw_author = data.get("author")
         author: dict[str, Any] = raw_author if isinstance(raw_author, dict) else {}
         author_id = str(author.get("id", ""))
@@ -176,12 +184,40 @@ class DiscordChannel(Channel):
             return  # our own messages, and other bots'
 
         content = data.get("content")
-        if not isinstance(content, str) or not content or "channel_id" not in data:
+        content = content if isinstance(content, str) else ""
+        raw = data.get("attachments")
+        attachments = [a for a in raw if isinstance(a, dict)] if isinstance(raw, list) else []
+        if not (content or attachments) or "channel_id" not in data:
             return
         username = str(author.get("username", ""))
         if not self._allow.permits(author_id, username):
-            return
+            return  # before any download: a stranger's file is never fetched
         metadata = {"message_id": str(data.get("id", "")), "username": username,
                     "guild_id": str(data.get("guild_id", ""))}  # fmt: skip
-        self._bus.publish_inbound(InboundMessage(self.name, str(data["channel_id"]), content, author_id,
-                                                 metadata=metadata))  # fmt: skip
+        base = InboundMessage(self.name, str(data["channel_id"]), content, author_id, metadata=metadata)
+        if not attachments:
+            self._files.publish(base)
+            return
+        files = [self._remote_file(a) for a in attachments]
+        untrusted = next((f for f in files if origin(f.ref) not in self._trusted), None)
+        if untrusted is not None:
+            refused = f"{untrusted.name} is not hosted on Discord, and I only download files from Discord"
+            self._files.refuse(base.chat_id, RequestError(refused))
+            return
+        self._files.accept(base, files, self._fetch)
+
+    @staticmethod
+    def _remote_file(attachment: dict[str, Any]) -> RemoteFile:
+        size = attachment.get("size")
+        return RemoteFile(str(attachment.get("filename") or "attachment"),
+                          size if isinstance(size, int) and not isinstance(size, bool) else None,
+                          str(attachment.get("url") or ""))  # fmt: skip
+
+    async def _fetch(self, file: RemoteFile) -> bytes:
+        """Download an attachment (no token sent: attachment URLs are signed), with the size cap."""
+        if origin(file.ref) not in self._trusted:  # checked on receipt too; a fetch never trusts blindly
+            raise RequestError(f"{file.name} is not hosted on Discord")
+        if self._session is None:
+            raise ChannelRetryableError("discord: channel is not started")
+        limit = self._files.limits.attachments.max_file_bytes
+        return await download(self._session, file.ref, file.name, limit)

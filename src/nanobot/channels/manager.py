@@ -34,10 +34,10 @@ from nanobot.errors import ChannelError, ChannelPermanentError, ChannelRetryable
 
 log = logging.getLogger(__name__)
 
-ChannelFactory = Callable[[ChannelsConfig, MessageBus], Channel | None]
+ChannelFactory = Callable[[Config, MessageBus], Channel | None]
 
-# Each platform module builds its channel from config (None when disabled): no channel
-# names are spelled out here.
+# Each platform module builds its channel from the whole config (None when disabled): its
+# own section, plus ``api``'s upload limits for the files users send. No channel names here.
 CHANNEL_FACTORIES: tuple[ChannelFactory, ...] = (TelegramChannel.from_config, DiscordChannel.from_config)
 
 APOLOGY = "Sorry, something went wrong while answering. Please try again in a moment."
@@ -45,7 +45,7 @@ APOLOGY = "Sorry, something went wrong while answering. Please try again in a mo
 
 def build_channel_manager(config: Config, bus: MessageBus, api: ApiChannel) -> ChannelManager:
     """Build the manager, its outbox (``<workspace>/outbox.db``) and every enabled channel."""
-    candidates = [ch for make in CHANNEL_FACTORIES if (ch := make(config.channels, bus)) is not None]
+    candidates = [ch for make in CHANNEL_FACTORIES if (ch := make(config, bus)) is not None]
     store = OutboxStore(config.agents.defaults.workspace_path / "outbox.db")
     return ChannelManager(bus, api, candidates, store, config.channels)
 

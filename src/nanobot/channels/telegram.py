@@ -3,7 +3,9 @@
 Receiving is ``getUpdates`` long polling; sending is ``sendMessage`` with Markdown
 rendered as Telegram HTML, split under 4096 characters, and resent as plain text when
 Telegram cannot parse the markup. Bot API answers are mapped to our error tree in one
-place, :func:`check_response`.
+place, :func:`check_response`. A ``document`` or ``photo`` (its largest size) goes to
+the channel's :class:`~nanobot.channels.files.FileIntake`: ``getFile``, then a capped
+download from ``{api_base}/file/bot{token}/{file_path}``, with the caption as the text.
 
 The bot token is part of every URL (``{api_base}/bot{token}/METHOD``), and aiohttp puts
 URLs into its exception messages. So every aiohttp error is re-raised here with the
@@ -24,8 +26,9 @@ import orjson
 from nanobot.bus import InboundMessage, MessageBus, OutboundMessage
 from nanobot.channels.allow import AllowList
 from nanobot.channels.base import Channel
+from nanobot.channels.files import FileIntake, FileLimits, RemoteFile, download
 from nanobot.channels.text import markdown_to_telegram_html, split_markdown, utf16_len
-from nanobot.config import ChannelsConfig, TelegramConfig
+from nanobot.config import Config, TelegramConfig
 from nanobot.errors import ChannelError, ChannelPermanentError, ChannelRetryableError
 
 log = logging.getLogger(__name__)
@@ -65,24 +68,45 @@ def _cannot_parse(exc: ChannelPermanentError) -> bool:
     return "can't parse entities" in exc.message.lower()
 
 
+def _size(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def message_files(message: dict[str, Any]) -> list[RemoteFile]:
+    """The file a message carries: its ``document``, or the largest size of its ``photo``."""
+    document = _obj(message.get("document"))
+    if isinstance(document.get("file_id"), str):
+        name = str(document.get("file_name") or "document")
+        return [RemoteFile(name, _size(document.get("file_size")), document["file_id"])]
+    photos = message.get("photo")
+    photos = photos if isinstance(photos, list) else []
+    sizes = [p for p in photos if isinstance(p, dict) and isinstance(p.get("file_id"), str)]
+    if not sizes:
+        return []
+    best = max(sizes, key=lambda p: (_size(p.get("width")) or 0) * (_size(p.get("height")) or 0))
+    return [RemoteFile("photo.jpg", _size(best.get("file_size")), best["file_id"])]
+
+
 class TelegramChannel(Channel):
     """Telegram via the Bot API: long polling in, ``sendMessage`` out."""
 
     name = "telegram"
 
-    def __init__(self, config: TelegramConfig, bus: MessageBus) -> None:
+    def __init__(self, config: TelegramConfig, bus: MessageBus, limits: FileLimits | None = None) -> None:
         self._config = config
         self._bus = bus
         self._base = f"{config.api_base.rstrip('/')}/bot{config.token}"
         self._allow = AllowList(self.name, config.allow_from)
+        self._files = FileIntake(self.name, bus, limits or FileLimits())
         self._session: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task[None] | None = None
         self.username = ""
 
     @classmethod
-    def from_config(cls, channels: ChannelsConfig, bus: MessageBus) -> TelegramChannel | None:
-        """The channel when ``channels.telegram.enabled``, else None."""
-        return cls(channels.telegram, bus) if channels.telegram.enabled else None
+    def from_config(cls, config: Config, bus: MessageBus) -> TelegramChannel | None:
+        """The channel when ``channels.telegram.enabled``, else None; files obey ``api``'s limits."""
+        telegram = config.channels.telegram
+        return cls(telegram, bus, FileLimits.from_api(config.api)) if telegram.enabled else None
 
     def __repr__(self) -> str:
         return f"TelegramChannel(api_base={self._config.api_base!r}, username={self.username!r})"
@@ -107,11 +131,12 @@ class TelegramChannel(Channel):
         self._poller = asyncio.create_task(self._poll(), name="telegram-poll")
 
     async def stop(self) -> None:
-        """Stop polling and close the HTTP session; safe to call twice."""
+        """Stop polling and the files in progress, then close the HTTP session; safe to call twice."""
         poller, self._poller = self._poller, None
         if poller is not None:
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
+        await self._files.stop()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -189,9 +214,11 @@ class TelegramChannel(Channel):
                     self._receive(update)
 
     def _receive(self, update: dict[str, Any]) -> None:
-        """Turn one update with a text message into an InboundMessage, if its sender is allowed."""
-        message = update.get("message")
-        if not isinstance(message, dict) or not isinstance(message.get("text"), str):
+        """Turn one update with a text or file message into an InboundMessage, if its sender is allowed."""
+        message = _obj(update.get("message"))
+        text = message.get("text")
+        files = [] if isinstance(text, str) else message_files(message)
+        if not isinstance(text, str) and not files:
             return
         sender, chat = _obj(message.get("from")), _obj(message.get("chat"))
         if "id" not in chat or sender.get("is_bot"):
@@ -199,8 +226,26 @@ class TelegramChannel(Channel):
         sender_id = str(sender.get("id", ""))
         username = str(sender.get("username", ""))
         if not self._allow.permits(sender_id, username):
-            return
+            return  # before any download: a stranger's file is never fetched
         metadata = {"message_id": str(message.get("message_id", "")), "username": username,
                     "chat_type": str(chat.get("type", ""))}  # fmt: skip
-        inbound = InboundMessage(self.name, str(chat["id"]), message["text"], sender_id, metadata=metadata)
-        self._bus.publish_inbound(inbound)
+        caption = message.get("caption")
+        said = text if isinstance(text, str) else caption if isinstance(caption, str) else ""
+        base = InboundMessage(self.name, str(chat["id"]), said, sender_id, metadata=metadata)
+        if files:
+            self._files.accept(base, files, self._fetch)
+        else:
+            self._files.publish(base)
+
+    async def _fetch(self, file: RemoteFile) -> bytes:
+        """``getFile``, then download the file with the size cap (the token stays out of errors)."""
+        info = _obj(await self.call("getFile", {"file_id": file.ref}))
+        path = info.get("file_path")
+        if not isinstance(path, str) or not path:
+            raise ChannelPermanentError(f"telegram getFile: no file_path for {file.name}")
+        self._files.check_size(file.name, _size(info.get("file_size")))
+        if self._session is None:
+            raise ChannelRetryableError("telegram: channel is not started")
+        url = f"{self._config.api_base.rstrip('/')}/file/bot{self._config.token}/{path.lstrip('/')}"
+        limit = self._files.limits.attachments.max_file_bytes
+        return await download(self._session, url, file.name, limit, self._redact)
