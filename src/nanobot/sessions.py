@@ -16,7 +16,7 @@ import queue
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -49,8 +49,12 @@ class SessionBackend(Protocol):
         """At least the last ``limit`` messages of a session (whole turns), oldest first."""
         ...
 
-    async def append(self, key: str, messages: Sequence[ChatMessage]) -> None:
-        """Durably add messages to a session."""
+    def append(self, key: str, messages: Sequence[ChatMessage]) -> Awaitable[object]:
+        """Durably add one turn's messages to a session; the awaitable resolves once committed.
+
+        Already under way when returned (a future, not a coroutine), so shielding it costs
+        no extra task.
+        """
         ...
 
     async def close(self) -> None:
@@ -114,10 +118,13 @@ class SqliteBackend:
             self._loop.call_soon_threadsafe(_settle, results)
         return stop
 
-    async def _call(self, job: _Job) -> Any:
+    def _submit(self, job: _Job) -> asyncio.Future[object]:
         fut: asyncio.Future[object] = self._loop.create_future()
         self._jobs.put((job, fut))
-        return await fut
+        return fut
+
+    async def _call(self, job: _Job) -> Any:
+        return await self._submit(job)
 
     # -- the interface
     async def keys(self) -> set[str]:
@@ -137,10 +144,14 @@ class SqliteBackend:
         rows: list[tuple[bytes]] = await self._call(job)
         return [m for r in reversed(rows) for m in orjson.loads(r[0])]
 
-    async def append(self, key: str, messages: Sequence[ChatMessage]) -> None:
-        """Add one turn's messages to ``key``; returns once they are committed."""
+    def append(self, key: str, messages: Sequence[ChatMessage]) -> asyncio.Future[object]:
+        """Add one turn's messages to ``key``; the future resolves once they are committed."""
         row = (key, orjson.dumps(messages))
-        await self._call(lambda db: db.execute("INSERT INTO turns (session, data) VALUES (?, ?)", row))
+
+        def job(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO turns (session, data) VALUES (?, ?)", row)
+
+        return self._submit(job)
 
     async def close(self) -> None:
         """Finish queued writes and stop the database thread."""

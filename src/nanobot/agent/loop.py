@@ -56,21 +56,29 @@ class AgentLoop:
         self._running: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
-        """Consume the bus until cancelled; on cancellation every running turn is cancelled too."""
+        """Take inbound messages until cancelled; on cancellation every running turn is cancelled too.
+
+        Each message is routed as it is published (a turn task, or a cancellation): the bus
+        calls :meth:`route` directly, so no task sits between a request and its turn.
+        """
+        self._bus.attach_inbound(self.route)
         try:
-            while True:
-                msg = await self._bus.consume_inbound()
-                if msg.kind is InboundKind.CANCEL:
-                    task = self._running.get(msg.request_id)
-                    if task is not None:
-                        task.cancel()
-                    continue
-                self._start_turn(msg)
+            await asyncio.get_running_loop().create_future()  # until cancelled
         finally:
+            self._bus.attach_inbound(None)
             tasks = list(self._running.values())
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def route(self, msg: InboundMessage) -> None:
+        """Start a turn for ``msg``, or cancel the turn it names."""
+        if msg.kind is InboundKind.CANCEL:
+            task = self._running.get(msg.request_id)
+            if task is not None:
+                task.cancel()
+            return
+        self._start_turn(msg)
 
     def _start_turn(self, msg: InboundMessage) -> None:
         task = asyncio.create_task(self._turn(msg))

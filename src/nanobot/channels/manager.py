@@ -161,15 +161,22 @@ class ChannelManager:
         self._receipts.clear()
 
     async def run(self) -> None:
-        """Dispatch outbound messages until cancelled (awaits the bus, never polls)."""
-        bus = self._bus
-        api = self._api
-        while True:
-            msg = await bus.consume_outbound()
-            if msg.channel == api.name:
-                # The hot path: straight to the waiting HTTP response.
-                self._to_api(msg)
-                continue
+        """Dispatch outbound messages until cancelled.
+
+        The bus calls :meth:`route` as each message is published (never awaiting: the api
+        channel's queue and the outbox intake both take a message without blocking).
+        """
+        self._bus.attach_outbound(self.route)
+        try:
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        finally:
+            self._bus.attach_outbound(None)
+
+    def route(self, msg: OutboundMessage) -> None:
+        """Send ``msg`` on its way: straight to a waiting HTTP response, or into the outbox."""
+        if msg.channel == self._api.name:
+            self._to_api(msg)  # the hot path
+        else:
             self.dispatch(msg)
 
     def _to_api(self, msg: OutboundMessage) -> None:

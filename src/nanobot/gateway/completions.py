@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from urllib.parse import parse_qsl
 
@@ -13,6 +12,7 @@ from aiohttp import web
 from nanobot.bus import InboundKind, InboundMessage, OutboundKind, OutboundMessage
 from nanobot.errors import NanobotError, RequestError, UnsupportedMediaError
 from nanobot.gateway.errors import REQUEST_ID
+from nanobot.gateway.ids import new_id
 from nanobot.gateway.multipart import form_stream, read_multipart
 from nanobot.gateway.requests import ChatRequest, FileInput, check_model, check_session_id, parse_chat_request
 from nanobot.gateway.sse import DONE, KEEP_ALIVE, ChunkWriter, error_event
@@ -98,7 +98,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def _completion_id() -> str:
-    return "chatcmpl-" + os.urandom(12).hex()
+    return new_id("chatcmpl-")
 
 
 async def _complete(state: GatewayState, queue: asyncio.Queue[OutboundMessage]) -> web.Response:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -21,6 +20,7 @@ from nanobot.errors import (
     RequestError,
     UnsupportedMediaError,
 )
+from nanobot.gateway.ids import new_id
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get("x-request-id")
     if given and len(given) <= 200 and given.isascii() and given.isprintable():
         return given
-    return "req_" + os.urandom(12).hex()
+    return new_id("req_")
 
 
 def make_middleware(api_key: str) -> Middleware:

@@ -1,0 +1,18 @@
+"""Unique ids for requests and completions, cheap enough for every request.
+
+A random per-process prefix and a counter: unique across restarts and processes, and no
+system call per id. Ids are labels, not secrets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+_PREFIX = os.urandom(6).hex()
+_COUNTER = itertools.count(1)
+
+
+def new_id(kind: str) -> str:
+    """``<kind><12 random hex digits><counter>``, e.g. ``chatcmpl-1f2e3d4c5b6a0000002a``."""
+    return f"{kind}{_PREFIX}{next(_COUNTER):08x}"
