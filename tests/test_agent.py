@@ -189,3 +189,17 @@ async def test_message_tool_to_another_api_session_fails_clearly(
     assert await ask(client, "go", "me") == "done"
     result = fake_llm.requests[1]["messages"][-1]["content"]
     assert result.startswith("failed") and "api:someone-else" in result
+
+
+async def test_history_is_bounded_by_size_too(
+    start_gateway: Callable[..., Awaitable[str]], fake_llm: FakeLLM
+) -> None:
+    """Old turns drop out once the history's text passes maxHistoryChars (big documents don't pile up)."""
+    url = await start_gateway({"agents": {"defaults": {"maxHistoryChars": 2500}}})
+    async with aiohttp.ClientSession() as s:
+        for i in range(3):
+            body = {"messages": [{"role": "user", "content": f"doc{i} " + "x" * 1000}], "session_id": "big"}
+            async with s.post(f"{url}/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+    sent = [m["content"][:4] for m in fake_llm.requests[-1]["messages"][1:]]
+    assert sent == ["doc1", "echo", "doc2"]

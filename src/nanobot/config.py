@@ -61,6 +61,7 @@ class AgentDefaults:
         "Use the `message` tool to send a message to a chat on another channel."
     )
     max_history_messages: int = 100
+    max_history_chars: int = 400_000  # ~100k tokens: old turns with big documents drop out first
 
     @property
     def workspace_path(self) -> Path:

@@ -35,7 +35,9 @@ def build_app(config: Config) -> web.Application:
         defaults = config.agents.defaults
         _name, provider_config = config.provider()
         sessions = await SessionStore.open(
-            defaults.workspace_path, max_messages=defaults.max_history_messages
+            defaults.workspace_path,
+            max_messages=defaults.max_history_messages,
+            max_chars=defaults.max_history_chars,
         )
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()

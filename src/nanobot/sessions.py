@@ -169,9 +169,25 @@ def _settle(results: list[tuple[asyncio.Future[object], object, BaseException | 
             fut.set_result(value)
 
 
-def trim_history(messages: list[ChatMessage], limit: int) -> list[ChatMessage]:
-    """The last ``limit`` messages, starting at a user message so no tool result loses its call."""
+def _size(message: ChatMessage) -> int:
+    content = message.get("content")
+    size = len(content) if isinstance(content, str) else 0
+    for call in message.get("tool_calls") or ():
+        size += len(call["function"]["arguments"])
+    return size
+
+
+def trim_history(messages: list[ChatMessage], limit: int, max_chars: int = 0) -> list[ChatMessage]:
+    """The last ``limit`` messages (and, with ``max_chars``, no more text than that), starting
+    at a user message so no tool result loses its call."""
     start = max(0, len(messages) - limit)
+    if max_chars:
+        total = 0
+        for i in range(len(messages) - 1, start - 1, -1):
+            total += _size(messages[i])
+            if total > max_chars:
+                start = i + 1
+                break
     while start < len(messages) and messages[start].get("role") != "user":
         start += 1
     return messages[start:] if start else messages
@@ -180,9 +196,17 @@ def trim_history(messages: list[ChatMessage], limit: int) -> list[ChatMessage]:
 class SessionStore:
     """History per session key, cached in memory, persisted through a :class:`SessionBackend`."""
 
-    def __init__(self, backend: SessionBackend, *, max_messages: int = 100, cache_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        backend: SessionBackend,
+        *,
+        max_messages: int = 100,
+        max_chars: int = 0,
+        cache_size: int = 10_000,
+    ) -> None:
         self._backend = backend
         self._max = max_messages
+        self._max_chars = max_chars
         self._cache_size = cache_size
         self._cache: OrderedDict[str, list[ChatMessage]] = OrderedDict()
         self._known: set[str] = set()
@@ -190,10 +214,10 @@ class SessionStore:
         self._waiters: dict[str, int] = {}
 
     @classmethod
-    async def open(cls, workspace: Path, *, max_messages: int = 100) -> SessionStore:
+    async def open(cls, workspace: Path, *, max_messages: int = 100, max_chars: int = 0) -> SessionStore:
         """Open (or create) the session database under ``workspace``."""
         backend = SqliteBackend(workspace / "sessions.db")
-        store = cls(backend, max_messages=max_messages)
+        store = cls(backend, max_messages=max_messages, max_chars=max_chars)
         store._known = await backend.keys()
         return store
 
@@ -228,7 +252,7 @@ class SessionStore:
             self._remember(key, cached)
         else:
             self._cache.move_to_end(key)
-        return list(trim_history(cached, self._max))
+        return list(trim_history(cached, self._max, self._max_chars))
 
     async def append_turn(self, key: str, messages: Sequence[ChatMessage]) -> None:
         """Persist one whole turn at once and make it part of the history.

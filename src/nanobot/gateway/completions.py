@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from nanobot.bus import InboundKind, InboundMessage, OutboundKind, OutboundMessage
-from nanobot.errors import NanobotError, RequestError, UnsupportedMediaError
+from nanobot.errors import NanobotError, PayloadTooLargeError, RequestError, UnsupportedMediaError
 from nanobot.gateway.errors import REQUEST_ID
 from nanobot.gateway.ids import new_id
 from nanobot.gateway.multipart import form_stream, read_multipart
@@ -43,6 +43,24 @@ def _form_request(fields: dict[str, str], files: tuple[FileInput, ...], model: s
     )
 
 
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, bounded by ``limit``; unlike ``request.read()`` it is not kept on the
+    request, so a large base64 upload is held once, not for the whole turn."""
+    too_large = PayloadTooLargeError(
+        f"the request is larger than the limit of {limit} bytes (api.maxRequestBytes)"
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
     ctype = request.content_type
     if ctype == "multipart/form-data":
@@ -58,7 +76,7 @@ async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
         raise UnsupportedMediaError(
             f"Content-Type {ctype!r} is not supported; send application/json or multipart/form-data"
         )
-    raw = await request.read()
+    raw = await _read_body(request, state.config.api.max_request_bytes)
     if ctype == _URLENCODED and not raw.lstrip().startswith(b"{"):
         # `curl -d "message=hi"`: the same text fields as a multipart form, without files.
         try:
@@ -70,7 +88,8 @@ async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise RequestError(f"We could not parse the JSON body of your request: {exc}") from exc
-    return parse_chat_request(body, state.model)
+    del raw  # the parsed body is all that is needed from here on
+    return parse_chat_request(body, state.model, state.limits.max_file_bytes)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

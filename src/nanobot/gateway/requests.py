@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from nanobot.attachments import decode_data_url
 from nanobot.errors import RequestError
 
 MAX_SESSION_ID = 128
@@ -24,15 +25,6 @@ class FileInput:
 
 
 @dataclass(frozen=True, slots=True)
-class RawPart:
-    """A file-bearing content part before decoding: a data URL string and where it was."""
-
-    url: str
-    name: str | None
-    param: str
-
-
-@dataclass(frozen=True, slots=True)
 class ChatRequest:
     """One validated chat-completions request."""
 
@@ -41,7 +33,6 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     instructions: str = ""
-    parts: tuple[RawPart, ...] = ()
     files: tuple[FileInput, ...] = ()
 
 
@@ -86,13 +77,15 @@ def _text_of(content: object, param: str) -> str:
     raise RequestError(f"{param} must be a string or a list of text parts", param=param)
 
 
-def _user_content(content: object, param: str) -> tuple[str, tuple[RawPart, ...]]:
+def _user_content(content: object, param: str, max_file_bytes: int) -> tuple[str, tuple[FileInput, ...]]:
+    # Data URLs are decoded here, while the body is parsed, so the base64 text (a third
+    # larger than the file) is not kept alive for the rest of the request.
     if isinstance(content, str):
         return content, ()
     if not isinstance(content, list):
         raise RequestError(f"{param} must be a string or a list of content parts", param=param)
     texts: list[str] = []
-    parts: list[RawPart] = []
+    parts: list[FileInput] = []
     for i, part in enumerate(content):
         where = f"{param}[{i}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -103,14 +96,19 @@ def _user_content(content: object, param: str) -> tuple[str, tuple[RawPart, ...]
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str):
                 raise RequestError(f"{where}.image_url.url must be a string", param=where)
-            parts.append(RawPart(url, None, where))
+            parts.append(
+                FileInput(None, decode_data_url(url, param=where, max_bytes=max_file_bytes)[1], where)
+            )
         elif kind == "file":
             file = part.get("file")
             data = file.get("file_data") if isinstance(file, dict) else None
             if not isinstance(data, str):
                 raise RequestError(f"{where}.file.file_data must be a data URL string", param=where)
             name = file.get("filename") if isinstance(file, dict) else None
-            parts.append(RawPart(data, name if isinstance(name, str) else None, where))
+            label = name if isinstance(name, str) else None
+            parts.append(
+                FileInput(label, decode_data_url(data, param=where, max_bytes=max_file_bytes)[1], where)
+            )
         else:
             raise RequestError(
                 f"{where}: unsupported content part; use 'text', 'image_url' or 'file'", param=where
@@ -138,7 +136,7 @@ def _split_messages(messages: object) -> tuple[str, dict[str, Any]]:
     return "\n\n".join(s for s in instructions if s), user
 
 
-def parse_chat_request(body: object, model: str) -> ChatRequest:
+def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatRequest:
     """Validate a JSON chat-completions body; raise :class:`RequestError` naming what is wrong."""
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object.")
@@ -152,8 +150,8 @@ def parse_chat_request(body: object, model: str) -> ChatRequest:
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     instructions, user = _split_messages(body.get("messages"))
     index = body["messages"].index(user)
-    text, parts = _user_content(user.get("content"), f"messages[{index}].content")
-    if not text.strip() and not parts:
+    text, files = _user_content(user.get("content"), f"messages[{index}].content", max_file_bytes)
+    if not text.strip() and not files:
         raise RequestError("the user message is empty", param="messages")
     return ChatRequest(
         text=text,
@@ -161,5 +159,5 @@ def parse_chat_request(body: object, model: str) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
         instructions=instructions,
-        parts=parts,
+        files=files,
     )

@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from nanobot.attachments import (
-    AttachmentLimits,
-    PreparedFile,
-    compose_user_input,
-    decode_data_url,
-    prepare_file,
-)
+from nanobot.attachments import AttachmentLimits, compose_user_input, prepare_file
 from nanobot.bus import InboundMessage
-from nanobot.gateway.requests import ChatRequest, FileInput
-
-
-async def _prepare_all(chat: ChatRequest, limits: AttachmentLimits) -> list[PreparedFile]:
-    inputs = list(chat.files)
-    for part in chat.parts:
-        _mime, data = decode_data_url(part.url, param=part.param, max_bytes=limits.max_file_bytes)
-        inputs.append(FileInput(part.name, data, part.param))
-    if not inputs:
-        return []
-    return list(await asyncio.gather(*(prepare_file(f.name, f.data, limits) for f in inputs)))
+from nanobot.gateway.requests import ChatRequest
 
 
 async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLimits) -> InboundMessage:
     """The :class:`InboundMessage` for an API request, its files sniffed, bounded and extracted."""
-    if not (chat.files or chat.parts):
+    if not chat.files:
         return InboundMessage(
             "api",
             chat.session_id,
@@ -36,7 +20,8 @@ async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLi
             stream=chat.stream,
             instructions=chat.instructions,
         )
-    user = compose_user_input(chat.text, await _prepare_all(chat, limits))
+    prepared = await asyncio.gather(*(prepare_file(f.name, f.data, limits) for f in chat.files))
+    user = compose_user_input(chat.text, prepared)
     return InboundMessage(
         "api",
         chat.session_id,
