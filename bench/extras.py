@@ -112,6 +112,8 @@ def attachments(b: Bench, r: Report) -> None:
         if path is None:
             continue
         raw[kind] = _one_doc(b, r, pid, kind, path)
+        if kind == "pdf":
+            raw["pdf_x8"] = _eight_at_once(b, r, pid, path)
     r.raw["attachments"] = raw
     r.note(
         "Attachments: extraction runs in the gateway's worker processes, so RSS growth is measured "
@@ -195,6 +197,36 @@ def _one_doc(b: Bench, r: Report, pid: int, kind: str, path: Path) -> dict[str, 
         "gateway_peak_kb": rss.max_kb,
         "growth_x_file": growth,
     }
+
+
+def _eight_at_once(b: Bench, r: Report, pid: int, path: Path) -> dict[str, Any]:
+    """Eight concurrent ~10 MB uploads: what they add to the gateway process's RSS (target < 300 MB)."""
+    reset_hwm(pid)
+    spec = {
+        "kind": "multipart",
+        "url": b.gateway_url,
+        "n": 1,
+        "parallel": 8,
+        "file": str(path),
+        "mime": DOC_KINDS["pdf"],
+        "timeout": 120,
+    }
+    with RssSampler(pid, 0.005, tree=True) as rss:
+        res = b.load(spec, timeout=240)
+    growth_mb = (rss.max_kb - rss.start_kb) / 1024 if res["ok"] == 8 else None
+    r.add(
+        Row(
+            "4 attachments",
+            "8 concurrent ~10 MB PDF uploads: gateway RSS growth",
+            None,
+            growth_mb,
+            "MB",
+            target="< 300 MB",
+            ok=check(growth_mb, lambda v: v < 300),
+            note=f"{res['ok']} of 8 answered" if res["ok"] != 8 else "",
+        )
+    )
+    return {**res, "gateway_before_kb": rss.start_kb, "gateway_peak_kb": rss.max_kb}
 
 
 def channels(b: Bench, r: Report) -> None:
