@@ -2,7 +2,8 @@
 
 ``FakeTelegram`` serves the Bot API (getMe, getUpdates long polling, sendMessage with
 Telegram's HTML checks, getFile and ``/file/bot<token>/<path>`` downloads) and can script
-failures: 429 with ``retry_after``, 5xx, 403, and 400 "can't parse entities".
+failures: 429 with ``retry_after``, 5xx, 403, and 400 "can't parse entities" (and getMe
+failures, for a platform that is unreachable at start).
 ``FakeDiscord`` serves REST (``/users/@me``, message posts with nonce de-duplication,
 429s and rate-limit headers), attachment downloads from its own origin, and a Gateway
 websocket (HELLO, IDENTIFY/RESUME, heartbeats and ACKs, MESSAGE_CREATE, dropped connections).
@@ -14,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ from nanobot.config import Config, parse_config
 TELEGRAM_TOKEN = "123456:SECRET-telegram-token-abc"
 DISCORD_TOKEN = "SECRET.discord.token-xyz"
 DISCORD_BOT_ID = "999"
+SRC = Path(__file__).resolve().parents[1] / "src"  # on PYTHONPATH for `nanobot serve` processes
 
 
 class Recorder:
@@ -154,6 +158,9 @@ class FakeTelegram(Recorder):
         self.send_calls = 0
         self.send_times: list[float] = []  # loop time of every sendMessage call
         self.failures: deque[Failure] = deque()  # answers for the next sendMessage calls
+        self.get_me_calls = 0
+        self.get_me_failures: deque[Failure] = deque()  # answers for the next getMe calls
+        self.get_me_gate: asyncio.Event | None = None  # when set, getMe calls wait for it
         self.rate_limit_every = 0  # when > 0, every Nth sendMessage call gets a 429
         self.rate_limit_retry_after = 1.0
         self.hold_after: int | None = None  # once this many are sent, park sendMessage calls until release
@@ -242,9 +249,7 @@ class FakeTelegram(Recorder):
         method = request.match_info["method"]
         payload = orjson.loads(await request.read() or b"{}")
         if method == "getMe":
-            return web.json_response(
-                {"ok": True, "result": {"id": 123456, "is_bot": True, "username": "fake_bot"}}
-            )
+            return await self._get_me()
         if method == "getUpdates":
             return await self._get_updates(payload)
         if method == "sendMessage":
@@ -252,6 +257,18 @@ class FakeTelegram(Recorder):
         if method == "getFile":
             return await self._get_file(str(payload.get("file_id", "")))
         return self._error(404, "Not Found: method not found")
+
+    async def _get_me(self) -> web.Response:
+        self.get_me_calls += 1
+        await self.changed()
+        if self.get_me_failures:
+            failure = self.get_me_failures.popleft()
+            return self._error(failure.status, failure.description, failure.retry_after)
+        if self.get_me_gate is not None:
+            await self.get_me_gate.wait()
+        return web.json_response(
+            {"ok": True, "result": {"id": 123456, "is_bot": True, "username": "fake_bot"}}
+        )
 
     async def _get_file(self, file_id: str) -> web.Response:
         self.get_file_calls.append(file_id)
@@ -323,6 +340,7 @@ class FakeDiscord(Recorder):
         self.post_calls = 0
         self.post_times: list[float] = []
         self.failures: deque[Failure] = deque()
+        self.me_failures: deque[Failure] = deque()  # answers for the next /users/@me calls
         self.lose_responses = 0  # create the next N messages, then answer 502 as if the response was lost
         self.heartbeat_interval_ms = 45_000
         self.ack_heartbeats = True
@@ -348,6 +366,9 @@ class FakeDiscord(Recorder):
     async def _me(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return web.json_response({"message": "401: Unauthorized", "code": 0}, status=401)
+        if self.me_failures:
+            f = self.me_failures.popleft()
+            return web.json_response({"message": f.description, "code": 0}, status=f.status)
         return web.json_response({"id": DISCORD_BOT_ID, "username": "fakebot", "bot": True})
 
     async def _post(self, request: web.Request) -> web.Response:
@@ -517,3 +538,12 @@ async def running(config: Config, bus: MessageBus | None = None) -> AsyncIterato
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await manager.stop()
+
+
+async def start_serve(config_path: Path, log_path: Path) -> asyncio.subprocess.Process:
+    """Start `nanobot serve -c CONFIG_PATH` as a real process, its output appended to ``log_path``."""
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with log_path.open("ab") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "nanobot", "serve", "-c", str(config_path), stdout=log, stderr=log, env=env
+        )

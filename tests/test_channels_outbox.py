@@ -14,13 +14,13 @@ from aiohttp.test_utils import TestServer
 
 from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessage
 from nanobot.channels.api import ApiChannel
-from nanobot.channels.manager import APOLOGY, build_channel_manager
+from nanobot.channels.manager import APOLOGY, ChannelManager, build_channel_manager
 from nanobot.channels.outbox import NewMessage, OutboxStore, State, connect, select
 from nanobot.channels.outbox_cli import outbox_command
 from nanobot.config import Config
 from nanobot.errors import ProviderError
 
-from fake_platforms import FakeTelegram, make_config, running
+from fake_platforms import Failure, FakeTelegram, make_config, running
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -184,8 +184,10 @@ async def test_cli_list_retry_drop(fake: FakeTelegram, telegram_url: str, tmp_pa
         await manager.wait_idle()
     listing = run_cli(config, "list", code=0)
     assert "held" in listing and "first held" in listing and "second held" in listing
-    run_cli(config, "drop", "2", code=0)
-    assert "pending again" in run_cli(config, "retry", "1", code=0)
+    assert run_cli(config, "drop", "2", code=0).strip() == "drop 2: dropped"
+    assert run_cli(config, "retry", "1", code=0).strip() == (
+        "retry 1: pending; it will be sent at the next start of nanobot serve"
+    )
     run_cli(config, "drop", "2", code=1)
     run_cli(config, "retry", "x", code=2)
     run_cli(config, "frobnicate", code=2)
@@ -234,3 +236,84 @@ async def test_clean_shutdown_stores_what_was_not_yet_stored(
     async with running(config) as manager:
         await manager.wait_idle()
     assert fake.texts("9") == ["last words"]
+
+
+# --------------------------------------------------------------------------- hand edits, re-read
+
+
+async def flushed(manager: ChannelManager) -> None:
+    """Wait until the outbox has committed every write queued so far (its jobs run in order)."""
+    await manager.store.add([])
+
+
+async def test_reload_sends_a_message_retried_by_hand(
+    fake: FakeTelegram, telegram_url: str, tmp_path: Path
+) -> None:
+    """A failed message retried with the CLI is sent by the running manager when it re-reads."""
+    fake.failures.append(Failure(403, "Forbidden: bot was blocked by the user"))
+    config = make_config(tmp_path, telegram=telegram_url)
+    async with running(config) as manager:
+        manager.dispatch(OutboundMessage("telegram", "9", "try again"))
+        await manager.wait_idle()
+        await flushed(manager)
+        assert entries(config) == [(1, State.FAILED, "try again")]
+        run_cli(config, "retry", "1", code=0)
+        await manager.reload()
+        await manager.wait_idle()
+    assert fake.texts("9") == ["try again"]
+    assert entries(config) == [(1, State.DELIVERED, "try again")]
+
+
+async def test_reload_never_queues_an_in_flight_message_twice(
+    fake: FakeTelegram, telegram_url: str, tmp_path: Path
+) -> None:
+    """A message mid-send when it is retried by hand and re-read is still sent exactly once."""
+    fake.hold_after = 0  # the first send waits for release: the message is in flight
+    config = make_config(tmp_path, telegram=telegram_url)
+    async with running(config) as manager:
+        manager.dispatch(OutboundMessage("telegram", "9", "once"))
+        await fake.until(lambda: fake.parked == 1)
+        run_cli(config, "retry", "1", code=0)
+        await manager.reload()
+        await manager.reload()
+        fake.release.set()
+        await manager.wait_idle()
+    assert fake.send_calls == 1
+    assert fake.texts("9") == ["once"]
+
+
+async def test_reload_skips_a_waiting_message_dropped_by_hand(
+    fake: FakeTelegram, telegram_url: str, tmp_path: Path
+) -> None:
+    """A message waiting out an hour's retry_after, dropped by hand, is never sent; its chat moves on."""
+    fake.failures.append(Failure(429, "Too Many Requests", retry_after=3600))
+    config = make_config(tmp_path, telegram=telegram_url)
+    bus = MessageBus()
+    async with running(config, bus) as manager:
+        msg, receipt = message("telegram", "unwanted")
+        bus.publish_outbound(msg)
+        assert (await receipt).status == "queued"  # the 429 came back: it waits for an hour
+        bus.publish_outbound(OutboundMessage("telegram", "9", "wanted"))
+        run_cli(config, "drop", "1", code=0)
+        await manager.reload()
+        await manager.wait_idle()
+    assert fake.texts("9") == ["wanted"]
+    assert entries(config) == [(2, State.DELIVERED, "wanted")]
+
+
+async def test_reload_wakes_a_waiting_message_retried_by_hand(
+    fake: FakeTelegram, telegram_url: str, tmp_path: Path
+) -> None:
+    """A message waiting out an hour's retry_after, retried by hand, is sent as soon as it is re-read."""
+    fake.failures.append(Failure(429, "Too Many Requests", retry_after=3600))
+    config = make_config(tmp_path, telegram=telegram_url)
+    bus = MessageBus()
+    async with running(config, bus) as manager:
+        msg, receipt = message("telegram", "now please")
+        bus.publish_outbound(msg)
+        assert (await receipt).status == "queued"
+        await flushed(manager)  # the 429's backoff is on disk before the hand edit
+        run_cli(config, "retry", "1", code=0)
+        await manager.reload()
+        await manager.wait_idle()
+    assert fake.texts("9") == ["now please"]

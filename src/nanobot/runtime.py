@@ -16,7 +16,8 @@ from nanobot.agent.tools import MessageTool, ToolRegistry
 from nanobot.attachments import shutdown_extractors
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
-from nanobot.channels.manager import build_channel_manager
+from nanobot.channels.lifecycle import reload_on_signal
+from nanobot.channels.manager import ChannelManager, build_channel_manager
 from nanobot.config import Config
 from nanobot.gateway.app import create_app
 from nanobot.providers.openai_compat import OpenAICompatProvider
@@ -24,12 +25,15 @@ from nanobot.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
+CHANNELS = web.AppKey("channels", ChannelManager)
+
 
 def build_app(config: Config) -> web.Application:
     """The gateway app with the whole runtime (sessions, provider, agent, channels) in its cleanup_ctx."""
     bus = MessageBus()
     api = ApiChannel()
     app = create_app(config, bus, api)
+    app[CHANNELS] = manager = build_channel_manager(config, bus, api)
 
     async def runtime(_app: web.Application) -> AsyncIterator[None]:
         defaults = config.agents.defaults
@@ -43,7 +47,6 @@ def build_app(config: Config) -> web.Application:
         await provider.start()
         tools = ToolRegistry([MessageTool()])
         agent = AgentLoop(bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout)
-        manager = build_channel_manager(config, bus, api)
         tasks: list[asyncio.Task[None]] = []
         try:
             await manager.start()
@@ -94,8 +97,10 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         # generations, so full collections stay short under load (fewer p99 pauses).
         gc.collect()
         gc.freeze()
-        if ready is not None:
-            ready.set()
-        await stop.wait()
+        # `nanobot outbox retry|drop` signals SIGUSR1 (via <workspace>/nanobot.pid) to apply at once.
+        with reload_on_signal(config.agents.defaults.workspace_path, app[CHANNELS].request_reload):
+            if ready is not None:
+                ready.set()
+            await stop.wait()
     finally:
         await runner.cleanup()

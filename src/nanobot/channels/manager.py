@@ -5,7 +5,13 @@ through the durable outbox (see ``outbox.py``): the message is committed first, 
 delivered by its chat's *lane* — one task per ``(channel, chat_id)`` with work, so
 messages to one chat arrive in order while chats do not wait for each other. A lane
 sleeps until its head is due (backoff, or the server's ``retry_after``); nothing polls.
-Messages for channels that are not enabled (or failed to start) are held, never sent.
+Messages for channels that are not enabled (or refused at start) are held, never sent.
+A channel whose platform was unreachable at start keeps trying in the background (see
+``lifecycle.py``); its messages are held meanwhile, and go out once it is up.
+
+:meth:`ChannelManager.reload` re-reads the outbox after a hand edit (``nanobot outbox
+retry|drop``, announced by ``SIGUSR1``): newly pending messages join their lanes, a
+dropped one still in a lane is skipped, and messages already in a lane are never queued twice.
 
 Metadata the manager sets on each delivery attempt, for the channel's ``send``:
 ``delivery_id`` (random, stable across retries and restarts: seed idempotency keys from
@@ -16,8 +22,8 @@ attempt; ``send`` skips them, and updates the key as parts go out so a retry res
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -27,12 +33,15 @@ from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessa
 from nanobot.channels.api import ApiChannel
 from nanobot.channels.base import Channel
 from nanobot.channels.discord import DiscordChannel
+from nanobot.channels.lifecycle import RetryPolicy, keep_starting, reconcile, try_start
 from nanobot.channels.outbox import NewMessage, Outbox, OutboxEntry, OutboxStore, State
 from nanobot.channels.telegram import TelegramChannel
 from nanobot.config import ChannelsConfig, Config
 from nanobot.errors import ChannelError, ChannelPermanentError, ChannelRetryableError
 
 log = logging.getLogger(__name__)
+
+Lane = tuple[str, str]  # (channel, chat_id)
 
 ChannelFactory = Callable[[Config, MessageBus], Channel | None]
 
@@ -55,24 +64,6 @@ def _resolve(msg: OutboundMessage | None, receipt: DeliveryReceipt) -> None:
         msg.receipt.set_result(receipt)
 
 
-class RetryPolicy:
-    """Exponential backoff with jitter; a server's ``retry_after`` overrides it."""
-
-    __slots__ = ("base", "cap", "max_attempts")
-
-    def __init__(self, config: ChannelsConfig) -> None:
-        self.base = config.retry_base_seconds  # set tiny in tests to make backoff instant
-        self.cap = config.retry_max_seconds
-        self.max_attempts = max(1, config.max_attempts)
-
-    def delay(self, attempts: int, retry_after: float | None) -> float:
-        """Seconds to wait after the ``attempts``-th failed attempt."""
-        if retry_after is not None:
-            return max(0.0, float(retry_after))
-        backoff = min(self.cap, self.base * 2.0 ** (attempts - 1))
-        return backoff * random.uniform(0.5, 1.0)
-
-
 class ChannelManager:
     """Starts the enabled channels and dispatches outbound messages to them."""
 
@@ -93,7 +84,14 @@ class ChannelManager:
         self._policy = RetryPolicy(config)
         self._intake: list[OutboundMessage] = []
         self._intake_ready = asyncio.Event()
-        self._lanes: dict[tuple[str, str], deque[OutboxEntry]] = {}
+        self._lanes: dict[Lane, deque[OutboxEntry]] = {}
+        self._queued: set[int] = set()  # ids in some lane: never queued twice
+        self._gone: set[int] = set()  # ids in a lane whose row was dropped by hand: skipped
+        self._wakers: dict[Lane, asyncio.Event] = {}  # lanes waiting for their head to be due
+        self._starting: set[str] = set()  # channels unreachable at start, retrying in the background
+        self._reload_wanted = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._reloaded: set[int] | None = None  # while a reload reads: ids queued meanwhile
         self._receipts: dict[int, OutboundMessage] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._committing = False
@@ -106,29 +104,37 @@ class ChannelManager:
         return frozenset(self._channels)
 
     @property
+    def starting(self) -> frozenset[str]:
+        """Channels unreachable at start that are still trying, in the background."""
+        return frozenset(self._starting)
+
+    @property
     def store(self) -> Outbox:
         """The outbox behind the durable channels."""
         return self._store
 
     async def start(self) -> None:
-        """Open the outbox, start every channel (one that fails stays down), resume pending work."""
+        """Open the outbox, start the channels (refused: down; unreachable: retried), resume work."""
         await self._store.open()
         await self._api.start()
         for channel in self._candidates:
             try:
-                await channel.start()
+                error = await try_start(channel)
             except ChannelError as exc:
                 log.error("channel %s is down: %s", channel.name, exc)
-                await channel.stop()
                 continue
-            self._channels[channel.name] = channel
-        durable = frozenset(name for name, ch in self._channels.items() if ch.durable)
-        pending = await self._store.recover(durable, self._config.held_max_age_seconds)
+            if error is None:
+                self._channels[channel.name] = channel
+                continue
+            self._starting.add(channel.name)
+            self._spawn(keep_starting(channel, error, self._policy, self._channel_up))
+        pending = await self._store.recover(self._durable(), self._config.held_max_age_seconds)
         if pending:
             log.info("outbox: resuming %d pending message(s)", len(pending))
         for entry in pending:
             self._enqueue(entry)
         self._spawn(self._take_in())
+        self._spawn(self._reload_on_request())
 
     async def stop(self) -> None:
         """Stop delivering (unfinished work stays pending in the outbox), stop channels, close."""
@@ -137,12 +143,22 @@ class ChannelManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._keep_leftovers()
-        for name, channel in list(self._channels.items()):
+        # Every candidate, not only the started ones: a retried start may have been cut short.
+        for channel in [self._api, *self._candidates]:
             try:
                 await channel.stop()
             except ChannelError as exc:
-                log.warning("channel %s did not stop cleanly: %s", name, exc)
+                log.warning("channel %s did not stop cleanly: %s", channel.name, exc)
         await self._store.close()
+
+    def _durable(self) -> frozenset[str]:
+        return frozenset(name for name, ch in self._channels.items() if ch.durable)
+
+    def _channel_up(self, channel: Channel) -> None:
+        """A late channel is up: deliver to it, and release what was held for it."""
+        self._starting.discard(channel.name)
+        self._channels[channel.name] = channel
+        self.request_reload()
 
     async def _keep_leftovers(self) -> None:
         """Commit what was taken in but not yet stored, so a clean shutdown loses nothing."""
@@ -204,7 +220,7 @@ class ChannelManager:
         await self._idle.wait()
 
     def _check_idle(self) -> None:
-        if not (self._intake or self._lanes or self._committing):
+        if not (self._intake or self._lanes or self._committing or self._reloaded is not None):
             self._idle.set()
 
     # ----------------------------------------------------------------------- intake
@@ -240,8 +256,9 @@ class ChannelManager:
             return
         for entry, msg in zip(entries, batch, strict=True):
             if entry.state == State.HELD:
-                log.info("outbox: message %d for %s held: channel not enabled", entry.id, entry.channel)
-                _resolve(msg, DeliveryReceipt("queued", f"channel {entry.channel} is not enabled"))
+                why = "is not reachable yet" if entry.channel in self._starting else "is not enabled"
+                log.info("outbox: message %d for %s held: channel %s", entry.id, entry.channel, why)
+                _resolve(msg, DeliveryReceipt("queued", f"channel {entry.channel} {why}"))
                 continue
             if not deliver:
                 _resolve(
@@ -251,6 +268,45 @@ class ChannelManager:
             if msg.receipt is not None:
                 self._receipts[entry.id] = msg
             self._enqueue(entry)
+
+    # ----------------------------------------------------------------------- hand edits
+
+    def request_reload(self) -> None:
+        """Ask for a :meth:`reload` (for a signal handler: never blocks; requests coalesce)."""
+        self._reload_wanted.set()
+
+    async def _reload_on_request(self) -> None:
+        """Re-read the outbox whenever asked (a signal arrived, or a late channel came up)."""
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            try:
+                await self.reload()
+            except Exception as exc:  # the disk failed: logged, and the next request tries again
+                log.error("outbox: could not re-read the outbox: %s", exc)
+
+    async def reload(self) -> None:
+        """Re-read the outbox: queue what became pending, skip what was dropped, wake retried heads."""
+        async with self._reload_lock:
+            watched = set(self._queued)  # each in the file before the read: its row tells its fate
+            self._reloaded = set()
+            self._idle.clear()
+            try:
+                rows = await self._store.recover(self._durable(), self._config.held_max_age_seconds)
+                queued = {e.id: e for lane in self._lanes.values() for e in lane}
+                edits = reconcile(rows, queued, watched, self._reloaded)
+                for entry in edits.new:
+                    self._enqueue(entry)
+                self._gone.update(edits.dropped)
+                for entry in [*edits.retried, *(queued[i] for i in edits.dropped)]:
+                    if (waker := self._wakers.get((entry.channel, entry.chat_id))) is not None:
+                        waker.set()
+            finally:
+                self._reloaded = None
+                self._check_idle()
+        if edits.new or edits.dropped or edits.retried:
+            log.info("outbox: re-read: %d to send, %d dropped, %d retried by hand",
+                     len(edits.new), len(edits.dropped), len(edits.retried))  # fmt: skip
 
     # ----------------------------------------------------------------------- lanes
 
@@ -266,6 +322,11 @@ class ChannelManager:
             log.error("channel manager task %s crashed", task.get_name(), exc_info=task.exception())
 
     def _enqueue(self, entry: OutboxEntry) -> None:
+        if entry.id in self._queued:
+            return  # already on its way
+        self._queued.add(entry.id)
+        if self._reloaded is not None:
+            self._reloaded.add(entry.id)
         key = (entry.channel, entry.chat_id)
         lane = self._lanes.get(key)
         if lane is not None:
@@ -275,21 +336,42 @@ class ChannelManager:
         self._idle.clear()
         self._spawn(self._drain(key))
 
-    async def _drain(self, key: tuple[str, str]) -> None:
+    async def _drain(self, key: Lane) -> None:
         """Deliver one chat's entries in order; the lane ends when it is empty."""
         lane = self._lanes[key]
         channel = self._channels[key[0]]
         try:
             while lane:
                 entry = lane[0]
+                if entry.id in self._gone:
+                    log.info("outbox: message %d was dropped by hand; not sending it", entry.id)
+                    _resolve(self._receipts.pop(entry.id, None), DeliveryReceipt("failed", "dropped"))
+                    self._pop(lane)
+                    continue
                 delay = entry.next_at - time.time()
                 if delay > 0:
-                    await asyncio.sleep(delay)  # sleep until due: backoff or the server's retry_after
+                    await self._nap(key, delay)  # then look again: the head may be gone, or due sooner
+                    continue
                 if await self._attempt(channel, entry):
-                    lane.popleft()
+                    self._pop(lane)
         finally:
             del self._lanes[key]
             self._check_idle()
+
+    def _pop(self, lane: deque[OutboxEntry]) -> None:
+        entry = lane.popleft()
+        self._queued.discard(entry.id)
+        self._gone.discard(entry.id)
+
+    async def _nap(self, key: Lane, delay: float) -> None:
+        """Sleep until the lane's head is due (backoff, or the server's retry_after), or a reload wakes it."""
+        waker = self._wakers[key] = asyncio.Event()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await waker.wait()
+        finally:
+            del self._wakers[key]
 
     async def _attempt(self, channel: Channel, entry: OutboxEntry) -> bool:
         """One delivery attempt; True when the entry is settled (delivered or failed)."""

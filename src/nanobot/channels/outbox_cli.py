@@ -2,9 +2,10 @@
 
 ``list`` shows every message not yet delivered (``--all`` adds the delivered ones).
 ``retry ID`` makes a failed, expired or held message pending again with fresh attempts;
-``drop ID`` deletes a message. A running ``nanobot serve`` reads the outbox at start,
-so a retried message goes out at its next start (or right away if it is not running
-and is started later).
+``drop ID`` deletes a message. After a change, a running ``nanobot serve`` on the same
+workspace is told at once (``SIGUSR1`` to the pid in ``<workspace>/nanobot.pid``, see
+``lifecycle.py``): it sends a retried message now, and never sends a dropped one. With no
+server running, the change takes effect at the next start.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from nanobot.channels.lifecycle import notify_server
 from nanobot.channels.outbox import OutboxEntry, State, connect, select
 from nanobot.config import Config
 
@@ -78,8 +80,17 @@ def _change(path: Path, ident: int, out: TextIO, retry: bool) -> int:
     if not changed:
         print(f"no outbox message {ident}" + (" that can be retried" if retry else ""), file=out)
         return 1
-    print(f"message {ident} {'is pending again' if retry else 'dropped'}", file=out)
+    print(_outcome(ident, retry, notify_server(path.parent)), file=out)
     return 0
+
+
+def _outcome(ident: int, retry: bool, pid: int | None) -> str:
+    """What changed, and whether a running server was told."""
+    server = f"the running server (pid {pid})"
+    if retry:
+        later = "it will be sent at the next start of nanobot serve"
+        return f"retry {ident}: pending; " + (later if pid is None else f"{server} will send it now")
+    return f"drop {ident}: dropped" + ("" if pid is None else f"; {server} will not send it")
 
 
 def _retry(conn: sqlite3.Connection, ident: int) -> bool:
