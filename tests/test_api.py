@@ -285,3 +285,12 @@ async def test_body_over_the_request_limit_is_413(start_gateway: Callable[..., A
     async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/chat/completions", json=body) as r:
         assert r.status == 413
         assert (await r.json())["error"]["code"] == "payload_too_large"
+
+
+async def test_models_retrieve(client: openai.AsyncOpenAI) -> None:
+    """models.retrieve finds the served model and raises NotFoundError for any other."""
+    found = await client.models.retrieve(MODEL)
+    assert (found.id, found.owned_by) == (MODEL, "nanobot")
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.models.retrieve("gpt-4")
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == "model_not_found"

@@ -11,6 +11,7 @@ from nanobot.attachments import AttachmentLimits
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
 from nanobot.config import Config
+from nanobot.errors import NotFoundError
 from nanobot.gateway.completions import chat_completions
 from nanobot.gateway.errors import make_middleware
 from nanobot.gateway.state import STATE, GatewayState
@@ -23,14 +24,27 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(body=_HEALTH, content_type="application/json")
 
 
+def _model_object(state: GatewayState) -> dict[str, object]:
+    return {"id": state.model, "object": "model", "created": state.created, "owned_by": "nanobot"}
+
+
 async def models(request: web.Request) -> web.Response:
     """``GET /v1/models``: the one model this gateway serves."""
-    state = request.app[STATE]
-    body = {
-        "object": "list",
-        "data": [{"id": state.model, "object": "model", "created": state.created, "owned_by": "nanobot"}],
-    }
+    body = {"object": "list", "data": [_model_object(request.app[STATE])]}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}``: the served model, or a 404 for any other id."""
+    state = request.app[STATE]
+    wanted = request.match_info["model"]
+    if wanted != state.model:
+        raise NotFoundError(
+            f"The model {wanted!r} does not exist here; this server serves {state.model!r}.",
+            param="model",
+            code="model_not_found",
+        )
+    return web.Response(body=orjson.dumps(_model_object(state)), content_type="application/json")
 
 
 def create_app(config: Config, bus: MessageBus, api: ApiChannel) -> web.Application:
@@ -49,5 +63,6 @@ def create_app(config: Config, bus: MessageBus, api: ApiChannel) -> web.Applicat
     )
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)
     app.router.add_post("/v1/chat/completions", chat_completions)
     return app
