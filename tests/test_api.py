@@ -294,3 +294,17 @@ async def test_models_retrieve(client: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         await client.models.retrieve("gpt-4")
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "model_not_found"
+
+
+async def test_temperature_and_max_tokens_pass_through(client: openai.AsyncOpenAI, fake_llm: FakeLLM) -> None:
+    """A client's temperature and max_tokens apply to its turn; nonsense values fall back to the config."""
+    await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0.2, max_tokens=33
+    )
+    assert (fake_llm.requests[-1]["temperature"], fake_llm.requests[-1]["max_tokens"]) == (0.2, 33)
+    await client.post(
+        "/chat/completions",
+        body={"messages": [{"role": "user", "content": "hi"}], "temperature": "hot", "max_tokens": -1},
+        cast_to=object,
+    )
+    assert (fake_llm.requests[-1]["temperature"], fake_llm.requests[-1]["max_tokens"]) == (0.7, 8192)

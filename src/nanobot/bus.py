@@ -90,6 +90,8 @@ class InboundMessage:
     images: tuple[ImageInput, ...] = ()
     instructions: str = ""
     history_content: str | None = None  # what the history keeps, when it differs from content
+    temperature: float | None = None  # this turn only; None: the configured default
+    max_tokens: int | None = None  # this turn only; None: the configured default
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -137,8 +137,8 @@ class AgentLoop:
                 resp = await self._provider.chat(
                     messages,
                     tools=self._tools.definitions,
-                    max_tokens=defaults.max_tokens,
-                    temperature=defaults.temperature,
+                    max_tokens=msg.max_tokens or defaults.max_tokens,
+                    temperature=defaults.temperature if msg.temperature is None else msg.temperature,
                     on_delta=on_delta,
                 )
                 usage = usage + resp.usage

@@ -32,6 +32,8 @@ class ChatRequest:
     session_id: str
     stream: bool
     include_usage: bool
+    temperature: float | None = None
+    max_tokens: int | None = None
     instructions: str = ""
     files: tuple[FileInput, ...] = ()
 
@@ -136,6 +138,18 @@ def _split_messages(messages: object) -> tuple[str, dict[str, Any]]:
     return "\n\n".join(s for s in instructions if s), user
 
 
+def _sampling(body: dict[str, Any]) -> tuple[float | None, int | None]:
+    """The client's temperature and max_tokens for this turn, when they are sensible values
+    (anything else is ignored, as other OpenAI fields are: the configured defaults apply)."""
+    temperature = body.get("temperature")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+        temperature = None
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        limit = None
+    return (None if temperature is None else float(temperature)), limit
+
+
 def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatRequest:
     """Validate a JSON chat-completions body; raise :class:`RequestError` naming what is wrong."""
     if not isinstance(body, dict):
@@ -148,6 +162,7 @@ def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatReq
         raise RequestError("stream must be a boolean", param="stream")
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    temperature, max_tokens = _sampling(body)
     instructions, user = _split_messages(body.get("messages"))
     index = body["messages"].index(user)
     text, files = _user_content(user.get("content"), f"messages[{index}].content", max_file_bytes)
@@ -158,6 +173,8 @@ def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatReq
         session_id=check_session_id(body.get("session_id")),
         stream=stream,
         include_usage=include_usage,
+        temperature=temperature,
+        max_tokens=max_tokens,
         instructions=instructions,
         files=files,
     )

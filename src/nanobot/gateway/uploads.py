@@ -19,6 +19,8 @@ async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLi
             request_id=request_id,
             stream=chat.stream,
             instructions=chat.instructions,
+            temperature=chat.temperature,
+            max_tokens=chat.max_tokens,
         )
     prepared = await asyncio.gather(*(prepare_file(f.name, f.data, limits) for f in chat.files))
     user = compose_user_input(chat.text, prepared)
@@ -31,4 +33,6 @@ async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLi
         images=user.images,
         instructions=chat.instructions,
         history_content=user.history,
+        temperature=chat.temperature,
+        max_tokens=chat.max_tokens,
     )
