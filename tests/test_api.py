@@ -308,3 +308,24 @@ async def test_temperature_and_max_tokens_pass_through(client: openai.AsyncOpenA
         cast_to=object,
     )
     assert (fake_llm.requests[-1]["temperature"], fake_llm.requests[-1]["max_tokens"]) == (0.7, 8192)
+
+
+async def test_reused_request_ids_do_not_cross_replies(gateway: str, fake_llm: FakeLLM) -> None:
+    """Two concurrent requests with the same x-request-id each get their own answer."""
+    gate = asyncio.Event()
+    fake_llm.push(Step(chunks=["slow"], gate=gate, text="slow"))
+
+    async def ask(text: str, session: str) -> str:
+        body = {"messages": [{"role": "user", "content": text}], "session_id": session}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"{gateway}/v1/chat/completions", json=body, headers={"x-request-id": "same"}) as r,
+        ):
+            assert r.headers["x-request-id"] == "same"
+            return str((await r.json())["choices"][0]["message"]["content"])
+
+    first = asyncio.create_task(ask("one", "a"))
+    await asyncio.wait_for(fake_llm.received.wait(), 5)
+    assert await ask("two", "b") == "echo: two"
+    gate.set()
+    assert await first == "slow"

@@ -97,8 +97,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     chat = await _parse(request, state)
     rid: str = request[REQUEST_ID]
-    msg = await build_inbound(chat, rid, state.limits)
-    queue = state.api.open(rid)
+    # Replies are routed by our own id: a client may send the same x-request-id twice.
+    turn = new_id("turn_")
+    msg = await build_inbound(chat, turn, state.limits)
+    queue = state.api.open(turn)
     state.bus.publish_inbound(msg)
     finished = False
     try:
@@ -109,10 +111,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         finished = True
         return resp
     finally:
-        state.api.close(rid)
+        state.api.close(turn)
         if not finished:  # client gone or failure: stop the turn and its upstream call
             state.bus.publish_inbound(
-                InboundMessage("api", msg.chat_id, request_id=rid, kind=InboundKind.CANCEL)
+                InboundMessage("api", msg.chat_id, request_id=turn, kind=InboundKind.CANCEL)
             )
 
 
