@@ -49,6 +49,7 @@ ChannelFactory = Callable[[Config, MessageBus], Channel | None]
 # own section, plus ``api``'s upload limits for the files users send. No channel names here.
 CHANNEL_FACTORIES: tuple[ChannelFactory, ...] = (TelegramChannel.from_config, DiscordChannel.from_config)
 
+SHUTTING_DOWN = DeliveryReceipt("queued", "nanobot is shutting down; it will be sent after restart")
 APOLOGY = "Sorry, something went wrong while answering. Please try again in a moment."
 
 
@@ -171,9 +172,7 @@ class ChannelManager:
         if leftovers and self._store.is_open:
             await self._commit(leftovers, deliver=False)
         for msg in self._receipts.values():
-            _resolve(
-                msg, DeliveryReceipt("queued", "nanobot is shutting down; it will be sent after restart")
-            )
+            _resolve(msg, SHUTTING_DOWN)
         self._receipts.clear()
 
     async def run(self) -> None:
@@ -213,10 +212,7 @@ class ChannelManager:
     async def wait_idle(self) -> None:
         """Take in what the bus holds, then wait until every message is delivered, failed or held."""
         for msg in self._bus.drain_outbound():
-            if msg.channel == self._api.name:
-                self._to_api(msg)
-            else:
-                self.dispatch(msg)
+            self.route(msg)
         await self._idle.wait()
 
     def _check_idle(self) -> None:
@@ -261,9 +257,7 @@ class ChannelManager:
                 _resolve(msg, DeliveryReceipt("queued", f"channel {entry.channel} {why}"))
                 continue
             if not deliver:
-                _resolve(
-                    msg, DeliveryReceipt("queued", "nanobot is shutting down; it will be sent after restart")
-                )
+                _resolve(msg, SHUTTING_DOWN)
                 continue
             if msg.receipt is not None:
                 self._receipts[entry.id] = msg

@@ -118,11 +118,13 @@ def _user_content(content: object, param: str, max_file_bytes: int) -> tuple[str
     return "\n".join(texts), tuple(parts)
 
 
-def _split_messages(messages: object) -> tuple[str, dict[str, Any]]:
+def _split_messages(messages: object) -> tuple[str, int, dict[str, Any]]:
+    """The turn's extra instructions, and the user message with its index."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", param="messages")
     instructions: list[str] = []
     user: dict[str, Any] | None = None
+    index = 0
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if not isinstance(m, dict) or not isinstance(role, str):
@@ -130,12 +132,12 @@ def _split_messages(messages: object) -> tuple[str, dict[str, Any]]:
         if role in ("system", "developer") and user is None:
             instructions.append(_text_of(m.get("content"), f"messages[{i}].content"))
         elif role == "user" and user is None:
-            user = m
+            user, index = m, i
         else:
             raise RequestError(f"messages[{i}] ({role}) is not accepted. {_HISTORY_HINT}", param="messages")
     if user is None:
         raise RequestError(f"messages has no 'user' message. {_HISTORY_HINT}", param="messages")
-    return "\n\n".join(s for s in instructions if s), user
+    return "\n\n".join(s for s in instructions if s), index, user
 
 
 def _sampling(body: dict[str, Any]) -> tuple[float | None, int | None]:
@@ -163,8 +165,7 @@ def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatReq
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     temperature, max_tokens = _sampling(body)
-    instructions, user = _split_messages(body.get("messages"))
-    index = body["messages"].index(user)
+    instructions, index, user = _split_messages(body.get("messages"))
     text, files = _user_content(user.get("content"), f"messages[{index}].content", max_file_bytes)
     if not text.strip() and not files:
         raise RequestError("the user message is empty", param="messages")
