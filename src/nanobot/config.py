@@ -44,6 +44,16 @@ class ApiConfig:
     max_pdf_pages: int = 2000
     extract_timeout: float = 30.0
     keep_alive_seconds: float = 15.0
+    # -- browser safety (hardening issue, part 1)
+    cors_origins: list[str] = field(default_factory=list)  # exact origins a web page may call from
+    allowed_hosts: list[str] = field(default_factory=list)  # extra Host names answered (DNS rebinding)
+    # -- resource bounds (part 2)
+    max_concurrent_turns: int = 1024  # API turns running at once; past it: 429 + Retry-After
+    header_timeout: float = 5.0  # seconds a connection may take to send a complete request head
+    idle_timeout: float = 60.0  # seconds an idle keep-alive connection stays open
+    stream_stall_timeout: float = 30.0  # seconds an SSE reader may read nothing before it is cut
+    # -- clean failures (part 3)
+    shutdown_grace: float = 10.0  # seconds running requests get to finish on SIGTERM
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +72,7 @@ class AgentDefaults:
     )
     max_history_messages: int = 100
     max_history_chars: int = 400_000  # ~100k tokens: old turns with big documents drop out first
+    session_cache_bytes: int = 64 * 1024 * 1024  # in-memory history cache, bounded by size
 
     @property
     def workspace_path(self) -> Path:

@@ -11,7 +11,12 @@ error bodies in one middleware; the CLI maps them to one line and an exit code.
     │   ├── NotFoundError           unknown route (404)
     │   ├── MethodNotAllowedError   wrong HTTP method (405)
     │   ├── PayloadTooLargeError    a file or the body is over its limit (413)
-    │   └── UnsupportedMediaError   content type or file type not supported (415)
+    │   ├── UnsupportedMediaError   content type or file type not supported (415)
+    │   ├── ForbiddenError          a browser origin or Host that is not allowed (403)
+    │   ├── MisdirectedError        a Host this server does not answer for (421)
+    │   ├── ContextLengthError      the conversation no longer fits the model (400)
+    │   └── RateLimitError          too many turns at once (429, ``retry_after``)
+    ├── ServiceUnavailableError     shutting down (503, ``retry_after``)
     ├── AttachmentError             an upload could not be read (422)
     ├── ProviderError               the upstream LLM failed (502)
     │   └── ProviderTimeoutError    the upstream LLM or the turn timed out (504)
@@ -30,6 +35,10 @@ class NanobotError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    # Sent as ``x-should-retry`` (the OpenAI SDKs honour it) when not None; ``retry_after``
+    # (seconds) as ``Retry-After``. Instances may override both.
+    should_retry: bool | None = None
+    retry_after: float | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -86,6 +95,52 @@ class UnsupportedMediaError(RequestError):
 
     status = 415
     code = "unsupported_media_type"
+
+
+class ForbiddenError(RequestError):
+    """A request from a browser origin, or with a ``Sec-Fetch-Site``, that is not allowed."""
+
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class MisdirectedError(RequestError):
+    """The ``Host`` header names a host this server does not answer for (DNS rebinding)."""
+
+    status = 421
+    code = "misdirected_request"
+
+
+class ContextLengthError(RequestError):
+    """The conversation no longer fits the model's context, even with old turns dropped."""
+
+    code = "context_length_exceeded"
+    should_retry = False
+
+
+class RateLimitError(RequestError):
+    """Too many turns are running; try again after ``retry_after`` seconds."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailableError(NanobotError):
+    """The server is shutting down; try again (elsewhere) after ``retry_after`` seconds."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class AttachmentError(NanobotError):

@@ -33,10 +33,23 @@ def error_body(exc: NanobotError) -> dict[str, dict[str, str | None]]:
     return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
 
 
+def error_headers(exc: NanobotError) -> dict[str, str]:
+    """``x-should-retry`` and ``Retry-After`` for ``exc``, when it says so."""
+    headers: dict[str, str] = {}
+    if exc.should_retry is not None:
+        headers["x-should-retry"] = "true" if exc.should_retry else "false"
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return headers
+
+
 def error_response(exc: NanobotError) -> web.Response:
     """A JSON response carrying the OpenAI error object for ``exc``."""
     return web.Response(
-        status=exc.status, body=orjson.dumps(error_body(exc)), content_type="application/json"
+        status=exc.status,
+        body=orjson.dumps(error_body(exc)),
+        content_type="application/json",
+        headers=error_headers(exc),
     )
 
 
