@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -21,7 +21,9 @@ from nanobot.config import ProviderConfig
 from nanobot.errors import ProviderError, ProviderTimeoutError
 from nanobot.providers.base import LLMResponse, ToolCall
 
-DeltaCallback = Callable[[str], None]
+# Called with each piece of text as it arrives. It may return an awaitable: the stream is not
+# read further until it resolves (back-pressure from a slow client to the upstream read).
+DeltaCallback = Callable[[str], Awaitable[None] | None]
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
 
@@ -231,7 +233,9 @@ async def _read_stream(
             if piece:
                 text.append(piece)
                 relayed[0] = True
-                on_delta(piece)
+                pending = on_delta(piece)
+                if pending is not None:
+                    await pending
             for tc in delta.get("tool_calls") or ():
                 parts = calls.setdefault(int(tc.get("index", 0)), _ToolCallParts())
                 parts.id = tc.get("id") or parts.id
