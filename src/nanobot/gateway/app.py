@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
@@ -12,9 +13,11 @@ from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
 from nanobot.config import Config
 from nanobot.errors import NotFoundError
+from nanobot.gateway.browser import BrowserPolicy, add_cors_headers
 from nanobot.gateway.completions import chat_completions
-from nanobot.gateway.errors import make_middleware
+from nanobot.gateway.errors import HTTP_LOG, ONE_LINE_BAD_REQUESTS, make_middleware
 from nanobot.gateway.state import STATE, GatewayState
+from nanobot.redact import config_secrets, secrets_redacted
 
 _HEALTH = orjson.dumps({"status": "ok"})
 
@@ -50,10 +53,24 @@ async def model(request: web.Request) -> web.Response:
 def create_app(config: Config, bus: MessageBus, api: ApiChannel) -> web.Application:
     """Build the gateway app over ``bus``; the ``api`` channel routes replies back to requests."""
     # api.maxRequestBytes bounds a JSON body here; multipart bodies are counted part by part.
+    policy = BrowserPolicy.from_config(config.api)
+    HTTP_LOG.addFilter(ONE_LINE_BAD_REQUESTS)  # idempotent: the same filter object
     app = web.Application(
-        middlewares=[make_middleware(config.api.api_key)],
+        middlewares=[make_middleware(config.api.api_key, policy)],
         client_max_size=config.api.max_request_bytes,
+        # aiohttp's connection handler logs malformed requests through this logger.
+        handler_args={"logger": HTTP_LOG},
     )
+    if policy.cors_origins:  # only then can a response need CORS headers
+        app.on_response_prepare.append(add_cors_headers)
+    secrets = config_secrets(config)
+
+    async def redaction(_app: web.Application) -> AsyncIterator[None]:
+        # First in, last out: every log line of the app's life is redacted.
+        with secrets_redacted(secrets):
+            yield
+
+    app.cleanup_ctx.append(redaction)
     app[STATE] = GatewayState(
         config=config,
         bus=bus,

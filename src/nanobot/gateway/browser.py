@@ -1,0 +1,205 @@
+"""Browser safety: the ``Host`` a request may name, the ``Origin`` it may come from, and CORS.
+
+A web page the user visits must not be able to drive the agent. Three rules, checked in the
+one gateway middleware before anything else runs:
+
+- ``Host`` must be one this server answers for (DNS rebinding sends the attacker's name):
+  the bound address, or ``localhost``/``127.0.0.1``/``[::1]`` when bound to loopback, with the
+  port the connection arrived on; or an ``api.allowedHosts`` entry (``name`` on any port,
+  ``name:port`` exactly, ``*`` for any Host). A request without ``Host`` (HTTP/1.0) passes:
+  browsers always send one, so it cannot come from a page.
+- An ``Origin`` must be listed in ``api.corsOrigins`` or be the server's own (same-origin:
+  the ``Host`` it was sent to, over http or https). Without ``Origin`` (curl, SDKs) a request
+  passes unless it says ``Sec-Fetch-Site: cross-site`` (a page's no-cors request).
+- Listed origins get CORS: preflights answered, responses readable.
+
+Everything that can be is computed once from the config; a request costs a few header
+lookups and set membership tests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from nanobot.config import ApiConfig
+from nanobot.errors import ForbiddenError, MisdirectedError
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+_WILDCARD_BINDS = frozenset({"", "0.0.0.0", "::"})
+ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
+# What the official openai SDKs and our own clients send; x-stainless-* are matched by prefix.
+_ALLOWED_REQUEST_HEADERS = frozenset(
+    {
+        "accept",
+        "authorization",
+        "content-type",
+        "idempotency-key",
+        "openai-beta",
+        "openai-organization",
+        "openai-project",
+        "user-agent",
+        "x-request-id",
+        "x-session-id",
+    }
+)
+# The SDKs read these to retry well and to report the request id.
+EXPOSE_HEADERS = "x-request-id, x-should-retry, retry-after"
+MAX_AGE = "600"
+_SHOWN = 200  # characters of a client's header value quoted back in an error
+
+
+def _host_name(host: str) -> str:
+    """A bind address as it appears in a ``Host`` header: lower case, IPv6 in brackets."""
+    host = host.strip().lower()
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host(host: str) -> tuple[str, str]:
+    """``name`` and ``port`` (``""`` when absent) of a lower-cased ``Host`` value."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return host, ""
+        name, rest = host[: end + 1], host[end + 1 :]
+        return name, rest[1:] if rest.startswith(":") else rest
+    name, sep, port = host.rpartition(":")
+    return (name, port) if sep else (host, "")
+
+
+@dataclass(frozen=True, slots=True)
+class BrowserPolicy:
+    """The allowed ``Host`` values and origins, computed once from ``api`` config."""
+
+    exact_hosts: frozenset[str]  # accepted as sent: bind names with the configured port, name:port entries
+    bind_names: frozenset[str]  # names of the bound address: need the port the connection arrived on
+    any_port_hosts: frozenset[str]  # allowedHosts entries without a port
+    any_host: bool  # allowedHosts contains "*"
+    wildcard: bool  # bound to every address: the connection's local address is the bound one
+    cors_origins: frozenset[str]
+
+    @classmethod
+    def from_config(cls, api: ApiConfig) -> BrowserPolicy:
+        """The policy for ``api.host``, ``api.port``, ``api.allowedHosts`` and ``api.corsOrigins``."""
+        bound = _host_name(api.host)
+        wildcard = bound in _WILDCARD_BINDS or bound == "[::]"
+        names: set[str] = set() if wildcard else {bound}
+        if not wildcard and _is_loopback(bound):
+            names |= _LOOPBACK_NAMES
+        exact = {f"{n}:{api.port}" for n in names} | (set(names) if api.port == 80 else set())
+        any_port: set[str] = set()
+        for entry in (e.strip().lower() for e in api.allowed_hosts):
+            name, port = split_host(entry)
+            if port:
+                exact.add(f"{_host_name(name)}:{port}")
+            elif entry:
+                any_port.add(_host_name(entry) if entry != "*" else entry)
+        origins = frozenset(o.strip().lower().rstrip("/") for o in api.cors_origins)
+        return cls(
+            exact_hosts=frozenset(exact),
+            bind_names=frozenset(names),
+            any_port_hosts=frozenset(any_port - {"*"}),
+            any_host="*" in any_port,
+            wildcard=wildcard,
+            cors_origins=origins - {"null", ""},  # an opaque origin is any sandboxed page
+        )
+
+    def check_host(self, host: str | None, request: web.Request) -> None:
+        """Raise :class:`MisdirectedError` unless ``host`` is one this server answers for."""
+        if host is None or self.any_host:
+            return
+        lowered = host.lower()
+        if lowered in self.exact_hosts:  # the usual case: a bind name and the configured port
+            return
+        name, port = split_host(lowered)
+        if name in self.any_port_hosts or self._is_local(name, port or "80", request):
+            return
+        raise MisdirectedError(
+            f"This server does not answer for Host {host[:_SHOWN]!r}; if it should, "
+            "add the name to api.allowedHosts."
+        )
+
+    def _is_local(self, name: str, port: str, request: web.Request) -> bool:
+        """Whether ``name:port`` is the address this connection arrived on (the port may
+        differ from ``api.port``: port 0, or a test server)."""
+        transport = request.transport
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        if not isinstance(local, tuple) or port != str(local[1]):
+            return False
+        if name in self.bind_names:
+            return True
+        if not self.wildcard:
+            return False
+        address = _host_name(str(local[0]))
+        return name == address or (name in _LOOPBACK_NAMES and _is_loopback(address))
+
+    def check_origin(self, origin: str, host: str | None) -> bool:
+        """Raise :class:`ForbiddenError` unless ``origin`` may call; True when it is a listed
+        cross-origin one (its responses need CORS headers)."""
+        lowered = origin.lower()
+        if lowered in self.cors_origins:
+            return True
+        if host is not None:
+            scheme, sep, rest = lowered.partition("://")
+            if sep and scheme in ("http", "https") and rest == host.lower():
+                return False
+        shown = "a page with an opaque origin (Origin: null)" if lowered == "null" else origin[:_SHOWN]
+        raise ForbiddenError(
+            f"Requests from web pages at {shown} are not allowed; "
+            "to allow that origin, add it to api.corsOrigins."
+        )
+
+    @staticmethod
+    def refuse_cross_site() -> ForbiddenError:
+        """The error for a browser request marked ``Sec-Fetch-Site: cross-site`` without ``Origin``."""
+        return ForbiddenError(
+            "Cross-site requests from web pages are not allowed; "
+            "to allow a page's origin, add it to api.corsOrigins."
+        )
+
+
+def preflight(origin: str, requested: str | None) -> web.Response:
+    """The 204 answer to an allowed origin's CORS preflight."""
+    headers = {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Methods": ALLOW_METHODS,
+        "Access-Control-Max-Age": MAX_AGE,
+        "Access-Control-Expose-Headers": EXPOSE_HEADERS,
+        "Vary": "Origin",
+    }
+    if requested:
+        wanted = (h.strip().lower() for h in requested.split(","))
+        allowed = [h for h in wanted if h in _ALLOWED_REQUEST_HEADERS or h.startswith("x-stainless-")]
+        if allowed:  # a header left out makes the browser refuse the request, as it should
+            headers["Access-Control-Allow-Headers"] = ", ".join(allowed)
+    return web.Response(status=204, headers=headers)
+
+
+CORS_ORIGIN = web.RequestKey("nanobot.cors_origin", str)
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: let a listed origin's page read the response (streams too)."""
+    origin = request.get(CORS_ORIGIN)
+    if origin is None:
+        return
+    headers = response.headers
+    headers["Access-Control-Allow-Origin"] = origin
+    headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+    vary = headers.get("Vary")
+    headers["Vary"] = f"{vary}, Origin" if vary and "origin" not in vary.lower() else vary or "Origin"
