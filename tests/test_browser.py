@@ -205,15 +205,26 @@ async def test_loopback_names_with_the_listening_port_are_answered(gateway: str)
         assert status == 200, host
 
 
+async def test_wildcard_bind_answers_the_address_it_was_reached_on(start_gateway: StartGateway) -> None:
+    """Bound to 0.0.0.0, the address a connection arrived on (and localhost on loopback) is answered."""
+    url = await start_gateway({"api": {"host": "0.0.0.0", "apiKey": "k-0123456789"}})
+    port = urlsplit(url).port
+    auth = {"Authorization": "Bearer k-0123456789"}
+    for host, want in ((f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), (f"evil.example:{port}", 421)):
+        status, _, _ = await call("GET", url + "/v1/models", headers={"Host": host, **auth})
+        assert status == want, host
+
+
 async def test_allowed_hosts_add_names(start_gateway: StartGateway) -> None:
     """api.allowedHosts: a bare name is answered on any port, name:port only on that port, * on all."""
-    url = await start_gateway({"api": {"allowedHosts": ["API.example.com", "tunnel.example:8443"]}})
+    url = await start_gateway({"api": {"allowedHosts": ["API.example.com", "tunnel.example:8443", "::2"]}})
     for host, want in (
         ("api.example.com", 200),
         ("api.example.com:9000", 200),
         ("tunnel.example:8443", 200),
         ("tunnel.example", 421),
         ("tunnel.example:9000", 421),
+        ("[::2]:9000", 200),
     ):
         status, _, _ = await call("GET", url + "/v1/models", headers={"Host": host})
         assert status == want, host

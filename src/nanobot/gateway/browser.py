@@ -28,7 +28,7 @@ from nanobot.config import ApiConfig
 from nanobot.errors import ForbiddenError, MisdirectedError
 
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
-_WILDCARD_BINDS = frozenset({"", "0.0.0.0", "::"})
+_WILDCARD_BINDS = frozenset({"", "0.0.0.0", "[::]"})  # as _host_name writes them
 ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 # What the official openai SDKs and our own clients send; x-stainless-* are matched by prefix.
 _ALLOWED_REQUEST_HEADERS = frozenset(
@@ -97,18 +97,18 @@ class BrowserPolicy:
     def from_config(cls, api: ApiConfig) -> BrowserPolicy:
         """The policy for ``api.host``, ``api.port``, ``api.allowedHosts`` and ``api.corsOrigins``."""
         bound = _host_name(api.host)
-        wildcard = bound in _WILDCARD_BINDS or bound == "[::]"
+        wildcard = bound in _WILDCARD_BINDS
         names: set[str] = set() if wildcard else {bound}
         if not wildcard and _is_loopback(bound):
             names |= _LOOPBACK_NAMES
         exact = {f"{n}:{api.port}" for n in names} | (set(names) if api.port == 80 else set())
         any_port: set[str] = set()
-        for entry in (e.strip().lower() for e in api.allowed_hosts):
+        for entry in (_host_name(e) for e in api.allowed_hosts):  # a bare IPv6 address gets brackets
             name, port = split_host(entry)
             if port:
                 exact.add(f"{_host_name(name)}:{port}")
             elif entry:
-                any_port.add(_host_name(entry) if entry != "*" else entry)
+                any_port.add(entry)
         origins = frozenset(o.strip().lower().rstrip("/") for o in api.cors_origins)
         return cls(
             exact_hosts=frozenset(exact),
@@ -121,11 +121,9 @@ class BrowserPolicy:
 
     def check_host(self, host: str | None, request: web.Request) -> None:
         """Raise :class:`MisdirectedError` unless ``host`` is one this server answers for."""
-        if host is None or self.any_host:
+        if host is None or self.any_host or host in self.exact_hosts:  # the usual case, at once
             return
         lowered = host.lower()
-        if lowered in self.exact_hosts:  # the usual case: a bind name and the configured port
-            return
         name, port = split_host(lowered)
         if name in self.any_port_hosts or self._is_local(name, port or "80", request):
             return
