@@ -4,8 +4,8 @@ A web page the user visits must not be able to drive the agent. Three rules, che
 one gateway middleware before anything else runs:
 
 - ``Host`` must be one this server answers for (DNS rebinding sends the attacker's name):
-  the bound address, or ``localhost``/``127.0.0.1``/``[::1]`` when bound to loopback, with the
-  port the connection arrived on; or an ``api.allowedHosts`` entry (``name`` on any port,
+  the bound address, the address the connection arrived on, or ``localhost``/``127.0.0.1``/
+  ``[::1]`` on loopback, with the port it arrived on; or an ``api.allowedHosts`` entry (``name`` on any port,
   ``name:port`` exactly, ``*`` for any Host). A request without ``Host`` (HTTP/1.0) passes:
   browsers always send one, so it cannot come from a page.
 - An ``Origin`` must be listed in ``api.corsOrigins`` or be the server's own (same-origin:
@@ -90,13 +90,13 @@ class BrowserPolicy:
     bind_names: frozenset[str]  # names of the bound address: need the port the connection arrived on
     any_port_hosts: frozenset[str]  # allowedHosts entries without a port
     any_host: bool  # allowedHosts contains "*"
-    wildcard: bool  # bound to every address: the connection's local address is the bound one
     cors_origins: frozenset[str]
 
     @classmethod
     def from_config(cls, api: ApiConfig) -> BrowserPolicy:
         """The policy for ``api.host``, ``api.port``, ``api.allowedHosts`` and ``api.corsOrigins``."""
         bound = _host_name(api.host)
+        # Bound to every address, the name is the address a connection arrived on: see _is_local.
         wildcard = bound in _WILDCARD_BINDS
         names: set[str] = set() if wildcard else {bound}
         if not wildcard and _is_loopback(bound):
@@ -115,7 +115,6 @@ class BrowserPolicy:
             bind_names=frozenset(names),
             any_port_hosts=frozenset(any_port - {"*"}),
             any_host="*" in any_port,
-            wildcard=wildcard,
             cors_origins=origins - {"null", ""},  # an opaque origin is any sandboxed page
         )
 
@@ -133,16 +132,16 @@ class BrowserPolicy:
         )
 
     def _is_local(self, name: str, port: str, request: web.Request) -> bool:
-        """Whether ``name:port`` is the address this connection arrived on (the port may
-        differ from ``api.port``: port 0, or a test server)."""
+        """Whether ``name:port`` names where this connection arrived: a bind name, the local
+        address itself, or a loopback name on a loopback connection, each with the port it
+        arrived on (which differs from ``api.port`` for port 0 or a test server). An address
+        literal or a loopback name cannot be a rebinding page's Host: that carries its domain."""
         transport = request.transport
         local = transport.get_extra_info("sockname") if transport is not None else None
         if not isinstance(local, tuple) or port != str(local[1]):
             return False
         if name in self.bind_names:
             return True
-        if not self.wildcard:
-            return False
         address = _host_name(str(local[0]))
         return name == address or (name in _LOOPBACK_NAMES and _is_loopback(address))
 
