@@ -1,4 +1,5 @@
-"""The aiohttp application: routes and the one error/auth/request-id middleware."""
+"""The aiohttp application: routes, the one middleware (errors, request ids, browser rules,
+auth), and secret redaction for the app's lifetime."""
 
 from __future__ import annotations
 
@@ -52,9 +53,9 @@ async def model(request: web.Request) -> web.Response:
 
 def create_app(config: Config, bus: MessageBus, api: ApiChannel) -> web.Application:
     """Build the gateway app over ``bus``; the ``api`` channel routes replies back to requests."""
-    # api.maxRequestBytes bounds a JSON body here; multipart bodies are counted part by part.
     policy = BrowserPolicy.from_config(config.api)
     HTTP_LOG.addFilter(ONE_LINE_BAD_REQUESTS)  # idempotent: the same filter object
+    # api.maxRequestBytes bounds a JSON body here; multipart bodies are counted part by part.
     app = web.Application(
         middlewares=[make_middleware(config.api.api_key, policy)],
         client_max_size=config.api.max_request_bytes,
