@@ -40,12 +40,16 @@ async def test_persistent_upstream_failure_is_502_with_its_message(
     assert len(fake_llm.requests) == 4  # the first try and three retries
 
 
-async def test_upstream_4xx_is_not_retried(client: openai.AsyncOpenAI, fake_llm: FakeLLM) -> None:
-    """An upstream 400 (e.g. context too long) is a 502 at once, without retries."""
-    fake_llm.push(Step(status=400, error="context length exceeded"))
-    with pytest.raises(openai.InternalServerError) as info:
-        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
-    assert "context length exceeded" in str(info.value.body)
+async def test_upstream_4xx_is_not_retried(gateway: str, fake_llm: FakeLLM) -> None:
+    """An upstream 400 is a 502 at once, without retries, and tells the client's SDK not to retry."""
+    fake_llm.push(Step(status=400, error="unknown parameter: foo"))
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as s, s.post(f"{gateway}/v1/chat/completions", json=body) as r:
+        assert r.status == 502
+        assert r.headers["x-should-retry"] == "false"
+        message = (await r.json())["error"]["message"]
+    assert "HTTP 400" in message and "unknown parameter: foo" in message
+    assert f"{fake_llm.url}/chat/completions" in message  # type: ignore[attr-defined]
     assert len(fake_llm.requests) == 1
 
 
