@@ -203,6 +203,9 @@ def _with_default_base(name: str, cfg: ProviderConfig) -> ProviderConfig:
     if cfg.api_base:
         if not cfg.api_base.startswith(("http://", "https://")):
             raise ConfigError(f"providers.{name}.apiBase: expected a URL starting with http:// or https://")
+        if cfg.api_key and "@" in cfg.api_base.split("/", 3)[2]:
+            # aiohttp refuses both; and a key belongs in apiKey, where it is kept out of logs.
+            raise ConfigError(f"providers.{name}.apiBase: user info in the URL and an apiKey; give only one")
         return cfg
     base = PROVIDER_BASES.get(name)
     if base is None:
