@@ -11,6 +11,9 @@ import openai
 import orjson
 import pytest
 
+from nanobot.config import ProviderConfig
+from nanobot.providers import OpenAICompatProvider
+
 from conftest import MODEL
 from fake_llm import FakeLLM, Step
 
@@ -418,3 +421,28 @@ async def test_text_before_a_tool_call_is_in_both_modes(gateway: str, fake_llm: 
     assert shown[0] == shown[1] == "Let me check.\n\nnote\n\nDone."
     history = fake_llm.requests[-1]["messages"]
     assert history[2]["content"] == "Let me check." and history[2]["tool_calls"]
+
+
+# --------------------------------------------------------------------------- the backoff's clock
+
+
+async def test_the_backoff_waits_what_retry_after_says(fake_llm: FakeLLM) -> None:
+    """Retry-After decides each wait (0 and 7 s here), not the configured backoff (20 s)."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    config = ProviderConfig(api_base=fake_llm.url, retry_base_seconds=20.0)  # type: ignore[attr-defined]
+    provider = OpenAICompatProvider(config, model=MODEL, sleep=sleep)
+    await provider.start()
+    try:
+        fake_llm.push(Step(status=429, retry_after=0), Step(status=503, retry_after=7), Step(text="ok"))
+        answer = await provider.chat([{"role": "user", "content": "hi"}])
+        fake_llm.push(Step(status=500), Step(text="ok"))
+        await provider.chat([{"role": "user", "content": "hi"}])
+    finally:
+        await provider.close()
+    assert answer.content == "ok"
+    assert waits[:2] == [0.0, 7.0]
+    assert 10.0 <= waits[2] <= 20.0  # without a hint: the backoff, with jitter
