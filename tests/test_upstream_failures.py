@@ -446,3 +446,11 @@ async def test_the_backoff_waits_what_retry_after_says(fake_llm: FakeLLM) -> Non
     assert answer.content == "ok"
     assert waits[:2] == [0.0, 7.0]
     assert 10.0 <= waits[2] <= 20.0  # without a hint: the backoff, with jitter
+
+
+async def test_a_stream_event_of_an_odd_shape_is_named(gateway: str, fake_llm: FakeLLM) -> None:
+    """A stream event that is JSON but not a chunk ends the stream with an error quoting it, not a bug."""
+    odd = b'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":"first"}]}}]}\n\n'
+    fake_llm.push(Step(sse=[odd, b"data: [DONE]\n\n"]))
+    error = orjson.loads(sse_events(await post_stream(gateway, HI))[-1])["error"]
+    assert "unexpected shape" in error["message"] and '"index":"first"' in error["message"]

@@ -38,6 +38,7 @@ _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 _LATER_STATUSES = frozenset({429, 503})  # "come back later": a client may retry after Retry-After
 _MAX_WAIT = 60.0  # a Retry-After longer than this is not waited for here (nor by the OpenAI SDKs)
 _ERROR_BODY_BYTES = 64 * 1024
+_MIN_SECRET = 6
 
 
 class _Retryable(Exception):
@@ -74,8 +75,11 @@ class OpenAICompatProvider:
         self._headers = {"Content-Type": "application/json", **config.extra_headers}
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
-        # An upstream may quote the key it was sent: never pass that on.
-        self._secrets = tuple(s.encode() for s in (config.api_key, *config.extra_headers.values()) if s)
+        # An upstream may quote the key it was sent: never pass that on. (Short header values
+        # such as a team name are no secret, and replacing them would garble the text.)
+        self._secrets = tuple(
+            s.encode() for s in (config.api_key, *config.extra_headers.values()) if len(s) >= _MIN_SECRET
+        )
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:

@@ -93,7 +93,10 @@ class StreamReader:
                 pending.append(tail)
             for line in lines:  # the hot loop: one pass per event, no call but the parse
                 if line.startswith(b"data:"):
-                    piece = self._feed(line[5:].strip())
+                    try:  # free unless raised (3.11's zero-cost exceptions)
+                        piece = self._feed(line[5:].strip())
+                    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                        raise self._odd(line) from exc
                     if piece:
                         self.relayed = True
                         waiting = on_delta(piece)
@@ -104,7 +107,11 @@ class StreamReader:
         if pending:  # the last line, without its newline
             line = b"".join(pending)
             if line.startswith(b"data:"):
-                await self._relay(self._feed(line[5:].strip()))
+                try:
+                    piece = self._feed(line[5:].strip())
+                except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                    raise self._odd(line) from exc
+                await self._relay(piece)
         return self._result()
 
     async def _relay(self, piece: str | None) -> None:
@@ -155,6 +162,12 @@ class StreamReader:
                 self.finish = choice["finish_reason"]
                 self._finished = True
         return out
+
+    def _odd(self, line: bytes) -> ProviderError:
+        return ProviderError(
+            f"upstream LLM at {self._url} sent a stream event of an unexpected shape: "
+            f"{excerpt(line[:1024].decode('utf-8', 'replace'))}"
+        )
 
     def _fail(self, chunk: dict[str, object], data: bytes) -> None:
         message = api_error_message(chunk) or data[:1024].decode("utf-8", "replace")
