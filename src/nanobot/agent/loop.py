@@ -230,7 +230,7 @@ def _too_long(exc: ContextLengthError, had_history: bool) -> str:
     if had_history:
         return (
             "This conversation no longer fits the model's context, even with its oldest turns left out. "
-            "Start a new conversation: send a new session_id (or none), or lower max_tokens. "
+            "Start a new conversation (send a new session_id), or lower max_tokens. "
             f"Upstream said: {exc.message}"
         )
     return (

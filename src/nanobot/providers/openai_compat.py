@@ -131,9 +131,11 @@ class OpenAICompatProvider:
             except _Retryable as exc:
                 attempt += 1
                 hint = exc.retry_after
-                if (reader is not None and reader.relayed) or attempt > self._config.max_retries:
-                    raise self._exhausted(exc, attempt) from exc
-                if hint is not None and hint > _MAX_WAIT:
+                if (
+                    (reader is not None and reader.relayed)  # a retry would repeat relayed text
+                    or attempt > self._config.max_retries
+                    or (hint is not None and hint > _MAX_WAIT)
+                ):
                     raise self._exhausted(exc, attempt) from exc
                 await self._sleep(self._backoff(attempt, hint))
 
