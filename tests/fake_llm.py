@@ -34,6 +34,9 @@ class Step:
     drop_after: int | None = None  # close the connection after this many chunks
     finish_reason: str | None = None
     usage: tuple[int, int] = (10, 5)
+    body: bytes | None = None  # send exactly this body (with ``status`` and ``content_type``)
+    content_type: str = "application/json"
+    sse: list[bytes] | None = None  # stream exactly these bytes, write by write, as text/event-stream
 
 
 def last_user_text(body: Json) -> str:
@@ -47,6 +50,20 @@ def last_user_text(body: Json) -> str:
     return ""
 
 
+def prompt_chars(body: Json) -> int:
+    """How many characters of text an upstream request's messages hold."""
+    total = 0
+    for m in body.get("messages", []):
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text", "")) for p in content)
+        for call in m.get("tool_calls") or ():
+            total += len(call["function"]["arguments"])
+    return total
+
+
 class FakeLLM:
     """The fake upstream; mount :meth:`app` on an aiohttp test server."""
 
@@ -57,6 +74,17 @@ class FakeLLM:
         self.received = asyncio.Event()
         self.cancelled = asyncio.Event()
         self._ids = itertools.count(1)
+        # A model's context: a request whose messages hold more characters than this is refused
+        # (before any scripted step is used) with ``context_status`` and ``context_error``.
+        self.max_context_chars: int | None = None
+        self.context_status = 400
+        self.context_error: Json = {
+            "message": "This model's maximum context length is 100 tokens. However, your messages "
+            "resulted in 200 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
 
     def push(self, *steps: Step) -> None:
         """Script the next replies, in order."""
@@ -73,6 +101,8 @@ class FakeLLM:
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         self.received.set()
+        if self.max_context_chars is not None and prompt_chars(body) > self.max_context_chars:
+            return web.json_response({"error": self.context_error}, status=self.context_status)
         step = self.steps.popleft() if self.steps else Step(text=f"echo: {last_user_text(body)}")
         try:
             return await self._answer(request, body, step)
@@ -85,6 +115,15 @@ class FakeLLM:
             await asyncio.Event().wait()
         if step.delay:
             await asyncio.sleep(step.delay)
+        if step.body is not None:
+            return web.Response(body=step.body, status=step.status, content_type=step.content_type)
+        if step.sse is not None:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for piece in step.sse:
+                await resp.write(piece)
+            await resp.write_eof()
+            return resp
         if step.status != 200:
             headers = {"Retry-After": str(step.retry_after)} if step.retry_after is not None else {}
             err = {"error": {"message": step.error, "type": "server_error", "param": None, "code": None}}

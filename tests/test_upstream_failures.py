@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
+
+from nanobot.config import ProviderConfig
+from nanobot.providers import OpenAICompatProvider
 
 from conftest import MODEL
 from fake_llm import FakeLLM, Step
@@ -40,12 +45,16 @@ async def test_persistent_upstream_failure_is_502_with_its_message(
     assert len(fake_llm.requests) == 4  # the first try and three retries
 
 
-async def test_upstream_4xx_is_not_retried(client: openai.AsyncOpenAI, fake_llm: FakeLLM) -> None:
-    """An upstream 400 (e.g. context too long) is a 502 at once, without retries."""
-    fake_llm.push(Step(status=400, error="context length exceeded"))
-    with pytest.raises(openai.InternalServerError) as info:
-        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
-    assert "context length exceeded" in str(info.value.body)
+async def test_upstream_4xx_is_not_retried(gateway: str, fake_llm: FakeLLM) -> None:
+    """An upstream 400 is a 502 at once, without retries, and tells the client's SDK not to retry."""
+    fake_llm.push(Step(status=400, error="unknown parameter: foo"))
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as s, s.post(f"{gateway}/v1/chat/completions", json=body) as r:
+        assert r.status == 502
+        assert r.headers["x-should-retry"] == "false"
+        message = (await r.json())["error"]["message"]
+    assert "HTTP 400" in message and "unknown parameter: foo" in message
+    assert f"{fake_llm.url}/chat/completions" in message  # type: ignore[attr-defined]
     assert len(fake_llm.requests) == 1
 
 
@@ -190,3 +199,258 @@ async def test_upstream_gets_the_provider_key_and_extra_headers(
     assert fake_llm.headers[0]["Authorization"] == "Bearer sk-upstream"
     assert fake_llm.headers[0]["X-Team"] == "nb"
     assert fake_llm.requests[0]["model"] == MODEL
+
+
+# --------------------------------------------------------------------------- acting on failures
+
+HTML_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>"
+    b"<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
+)
+
+
+async def post_json(url: str, body: dict[str, object]) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """POST a chat request; the status, headers and JSON body of the answer."""
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/chat/completions", json=body) as r:
+        return r.status, dict(r.headers), await r.json()
+
+
+async def post_stream(url: str, body: dict[str, object]) -> str:
+    """POST a streaming chat request; the raw SSE text of the answer."""
+    body = {**body, "stream": True}
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status == 200
+        return (await r.read()).decode()
+
+
+def sse_events(raw: str) -> list[str]:
+    """The data of each event in an SSE text."""
+    return [line[6:] for line in raw.split("\n") if line.startswith("data: ")]
+
+
+def streamed_text(raw: str) -> str:
+    """The content an SSE answer shows, in order."""
+    out = []
+    for data in sse_events(raw):
+        if data != "[DONE]":
+            for choice in orjson.loads(data).get("choices") or ():
+                out.append(choice["delta"].get("content") or "")
+    return "".join(out)
+
+
+HI = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_a_very_long_stream_line_is_relayed(gateway: str, fake_llm: FakeLLM) -> None:
+    """A delta over aiohttp's 512 KiB line limit streams as it does without streaming."""
+    big = "x" * 700_000
+    fake_llm.push(Step(chunks=["a", big, "z"]))
+    raw = await post_stream(gateway, HI)
+    assert streamed_text(raw) == "a" + big + "z"
+    assert sse_events(raw)[-1] == "[DONE]"
+
+
+async def test_a_stream_line_over_max_response_bytes_fails_cleanly(
+    start_gateway: Callable[..., Awaitable[str]], fake_llm: FakeLLM
+) -> None:
+    """Past providers.*.maxResponseBytes a stream ends with an error event naming the limit."""
+    url = await start_gateway({"providers": {"fake": {"maxResponseBytes": 100_000}}})
+    fake_llm.push(Step(chunks=["y" * 200_000]), Step(text="z" * 200_000))
+    events = sse_events(await post_stream(url, HI))
+    error = orjson.loads(events[-1])["error"]
+    assert "maxResponseBytes" in error["message"] and error["code"] == "upstream_error"
+    status, _, data = await post_json(url, HI)
+    assert status == 502 and "maxResponseBytes" in data["error"]["message"]
+
+
+async def test_an_html_error_page_is_called_one(gateway: str, fake_llm: FakeLLM) -> None:
+    """A proxy's HTML 502 page is reported as an HTML page with its title and the URL called."""
+    fake_llm.push(*[Step(status=502, body=HTML_PAGE, content_type="text/html")] * 4)
+    status, headers, data = await post_json(gateway, HI)
+    message = data["error"]["message"]
+    assert status == 502
+    assert 'an HTML page ("502 Bad Gateway")' in message and "HTTP 502" in message
+    assert f"{fake_llm.url}/chat/completions" in message  # type: ignore[attr-defined]
+    assert "malformed" not in message and "<center>" not in message
+    assert headers["x-should-retry"] == "false"  # the gateway already retried it
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_a_200_that_is_not_a_completion_says_what_it_was(
+    gateway: str, fake_llm: FakeLLM, stream: bool
+) -> None:
+    """A login page or a text body with status 200 is named as such, in both modes."""
+    fake_llm.push(
+        Step(body=b"<html><title>Sign in</title></html>", content_type="text/html"),
+        Step(body=b"upstream says no", content_type="text/plain"),
+    )
+    messages = []
+    for _ in range(2):
+        if stream:
+            raw = await post_stream(gateway, HI)
+            assert "[DONE]" not in raw
+            messages.append(orjson.loads(sse_events(raw)[-1])["error"]["message"])
+        else:
+            status, _, data = await post_json(gateway, HI)
+            assert status == 502
+            messages.append(data["error"]["message"])
+    assert 'an HTML page ("Sign in")' in messages[0]
+    assert "upstream says no" in messages[1]
+
+
+async def test_url_in_errors_carries_no_secrets(
+    start_gateway: Callable[..., Awaitable[str]], fake_llm: FakeLLM
+) -> None:
+    """User info and query strings of apiBase (which may hold keys) never appear in errors."""
+    base = fake_llm.url.replace("http://", "http://user:pw-secret@") + "?key=q-secret"  # type: ignore[attr-defined]
+    url = await start_gateway({"providers": {"fake": {"apiBase": base, "apiKey": ""}}})
+    fake_llm.push(Step(status=404, error="no such route"))
+    status, headers, data = await post_json(url, HI)
+    message = data["error"]["message"]
+    assert status == 502 and headers["x-should-retry"] == "false"
+    assert "HTTP 404" in message and "apiBase" in message
+    assert "pw-secret" not in message and "q-secret" not in message
+
+
+async def test_an_upstream_quoting_the_key_is_redacted(gateway: str, fake_llm: FakeLLM) -> None:
+    """A 401 that quotes the provider key says to check the key, without the key."""
+    fake_llm.push(Step(status=401, error="Incorrect API key provided: sk-upstream"))
+    status, headers, data = await post_json(gateway, HI)
+    message = data["error"]["message"]
+    assert status == 502 and headers["x-should-retry"] == "false"
+    assert "HTTP 401" in message and "apiKey" in message and "sk-upstream" not in message
+    assert len(fake_llm.requests) == 1
+
+
+async def test_a_deterministic_500_is_not_multiplied_by_the_sdk(gateway: str, fake_llm: FakeLLM) -> None:
+    """The SDK's own retries stop once the gateway has retried: 4 upstream calls, not 12."""
+    fake_llm.push(*[Step(status=500, error="model overloaded")] * 12)
+    async with openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="k", max_retries=2) as c:
+        with pytest.raises(openai.InternalServerError) as info:
+            await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert "gave up after 4 tries" in str(info.value.body)
+    assert len(fake_llm.requests) == 4
+
+
+async def test_an_exhausted_rate_limit_invites_a_later_retry(gateway: str, fake_llm: FakeLLM) -> None:
+    """An upstream 429 that outlasts the retries tells the client to retry later."""
+    fake_llm.push(*[Step(status=429, retry_after=0, error="slow down")] * 4)
+    status, headers, data = await post_json(gateway, HI)
+    assert status == 502 and "slow down" in data["error"]["message"]
+    assert headers["x-should-retry"] == "true" and "Retry-After" in headers
+    assert len(fake_llm.requests) == 4
+
+
+async def test_a_retry_after_beyond_patience_is_not_waited_for(gateway: str, fake_llm: FakeLLM) -> None:
+    """Retry-After: 3600 is honoured, not shortened: no retry now, and the client is told the wait."""
+    fake_llm.push(Step(status=429, retry_after=3600, error="quota"), Step(text="too early"))
+    status, headers, data = await post_json(gateway, HI)
+    assert status == 502 and "quota" in data["error"]["message"]
+    assert headers["Retry-After"] == "3600" and headers["x-should-retry"] == "false"
+    assert len(fake_llm.requests) == 1
+
+
+async def test_a_failed_stream_names_the_cause_and_sends_no_done(gateway: str, fake_llm: FakeLLM) -> None:
+    """Errors before or inside a stream end it with one error event carrying the cause, never [DONE]."""
+    fake_llm.push(
+        *[Step(status=500, error="model overloaded")] * 4,
+        Step(
+            sse=[
+                b'data: {"choices":[{"index":0,"delta":{"content":"par"}}]}\n\n',
+                b'data: {"error":{"message":"worker crashed","type":"server_error"}}\n\n',
+                b"data: [DONE]\n\n",
+            ]
+        ),
+    )
+    for cause in ("HTTP 500", "worker crashed"):
+        raw = await post_stream(gateway, HI)
+        events = sse_events(raw)
+        error = orjson.loads(events[-1])["error"]
+        assert cause in error["message"] and error["type"] == "upstream_error"
+        assert "[DONE]" not in events
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_upstream_finish_reason_is_relayed(gateway: str, fake_llm: FakeLLM, stream: bool) -> None:
+    """An answer cut at max_tokens says finish_reason length, streamed or not."""
+    fake_llm.push(Step(text="cut sh", finish_reason="length"))
+    if stream:
+        events = sse_events(await post_stream(gateway, HI))
+        finishes = [c["choices"][0]["finish_reason"] for c in map(orjson.loads, events[:-1]) if c["choices"]]
+        assert finishes[-1] == "length" and events[-1] == "[DONE]"
+    else:
+        _, _, data = await post_json(gateway, HI)
+        assert data["choices"][0]["finish_reason"] == "length"
+
+
+# --------------------------------------------------------------------------- stream and JSON agree
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_an_empty_upstream_answer_is_502_in_both_modes(
+    gateway: str, fake_llm: FakeLLM, stream: bool
+) -> None:
+    """A stream of only [DONE], or a completion without choices, is a 502 and nothing is saved."""
+    empty = {"id": "x", "object": "chat.completion", "choices": []}
+    fake_llm.push(Step(sse=[b"data: [DONE]\n\n"]) if stream else Step(body=orjson.dumps(empty)))
+    body = {**HI, "session_id": "empty"}
+    if stream:
+        message = orjson.loads(sse_events(await post_stream(gateway, body))[-1])["error"]["message"]
+    else:
+        status, _, data = await post_json(gateway, body)
+        assert status == 502
+        message = data["error"]["message"]
+    assert "empty answer" in message
+    await post_json(gateway, {"messages": [{"role": "user", "content": "again"}], "session_id": "empty"})
+    assert [m["content"] for m in fake_llm.requests[-1]["messages"][1:]] == ["again"]
+
+
+async def test_text_before_a_tool_call_is_in_both_modes(gateway: str, fake_llm: FakeLLM) -> None:
+    """What the model says before calling a tool is in the JSON reply exactly as the stream shows it."""
+    shown = []
+    for stream in (False, True):
+        fake_llm.push(
+            Step(text="Let me check.", tool_calls=[("message", {"content": "note"})]), Step(text="Done.")
+        )
+        body = {**HI, "session_id": f"pre-{stream}"}
+        if stream:
+            shown.append(streamed_text(await post_stream(gateway, body)))
+        else:
+            shown.append((await post_json(gateway, body))[2]["choices"][0]["message"]["content"])
+    assert shown[0] == shown[1] == "Let me check.\n\nnote\n\nDone."
+    history = fake_llm.requests[-1]["messages"]
+    assert history[2]["content"] == "Let me check." and history[2]["tool_calls"]
+
+
+# --------------------------------------------------------------------------- the backoff's clock
+
+
+async def test_the_backoff_waits_what_retry_after_says(fake_llm: FakeLLM) -> None:
+    """Retry-After decides each wait (0 and 7 s here), not the configured backoff (20 s)."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    config = ProviderConfig(api_base=fake_llm.url, retry_base_seconds=20.0)  # type: ignore[attr-defined]
+    provider = OpenAICompatProvider(config, model=MODEL, sleep=sleep)
+    await provider.start()
+    try:
+        fake_llm.push(Step(status=429, retry_after=0), Step(status=503, retry_after=7), Step(text="ok"))
+        answer = await provider.chat([{"role": "user", "content": "hi"}])
+        fake_llm.push(Step(status=500), Step(text="ok"))
+        await provider.chat([{"role": "user", "content": "hi"}])
+    finally:
+        await provider.close()
+    assert answer.content == "ok"
+    assert waits[:2] == [0.0, 7.0]
+    assert 10.0 <= waits[2] <= 20.0  # without a hint: the backoff, with jitter
+
+
+async def test_a_stream_event_of_an_odd_shape_is_named(gateway: str, fake_llm: FakeLLM) -> None:
+    """A stream event that is JSON but not a chunk ends the stream with an error quoting it, not a bug."""
+    odd = b'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":"first"}]}}]}\n\n'
+    fake_llm.push(Step(sse=[odd, b"data: [DONE]\n\n"]))
+    error = orjson.loads(sse_events(await post_stream(gateway, HI))[-1])["error"]
+    assert "unexpected shape" in error["message"] and '"index":"first"' in error["message"]

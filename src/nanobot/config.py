@@ -9,12 +9,14 @@ unknown keys become warnings.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -98,6 +100,7 @@ class ProviderConfig:
     read_timeout: float = 120.0
     max_retries: int = 3
     retry_base_seconds: float = 0.5
+    max_response_bytes: int = 32 * 1024 * 1024  # one completion, or one SSE line; past it: 502
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,25 +154,109 @@ class Config:
         return self.agents.defaults.model
 
     def provider(self) -> tuple[str, ProviderConfig]:
-        """The provider the agent uses: ``agents.defaults.provider``, else the first configured."""
+        """The provider the agent uses, with its API base filled in.
+
+        ``agents.defaults.provider`` picks one by name (a known name needs no entry in
+        ``providers``); otherwise the first entry with a key or a base, or a local one
+        (ollama, vllm, ...); with none, OpenAI.
+        """
         wanted = self.agents.defaults.provider
         if wanted:
             found = self.providers.get(wanted)
             if found is None:
-                raise ConfigError(f"agents.defaults.provider: no provider named {wanted!r} in providers")
+                if wanted not in PROVIDER_BASES:
+                    raise ConfigError(
+                        f"agents.defaults.provider: no provider named {wanted!r} in providers "
+                        f"(known without an entry: {', '.join(PROVIDER_BASES)})"
+                    )
+                found = ProviderConfig()
             return wanted, _with_default_base(wanted, found)
         for name, cfg in self.providers.items():
-            if cfg.api_key or cfg.api_base:
+            if cfg.api_key or cfg.api_base or name in LOCAL_PROVIDERS:
                 return name, _with_default_base(name, cfg)
         return "openai", ProviderConfig(api_base=OPENAI_API_BASE)
 
 
+# The usual OpenAI-compatible base of each provider name that needs no ``apiBase``.
+PROVIDER_BASES: dict[str, str] = {
+    "openai": OPENAI_API_BASE,
+    "openrouter": "https://openrouter.ai/api/v1",
+    "anthropic": "https://api.anthropic.com/v1",
+    "deepseek": "https://api.deepseek.com/v1",
+    "gemini": "https://generativelanguage.googleapis.com/v1beta/openai",
+    "groq": "https://api.groq.com/openai/v1",
+    "mistral": "https://api.mistral.ai/v1",
+    "together": "https://api.together.xyz/v1",
+    "fireworks": "https://api.fireworks.ai/inference/v1",
+    "xai": "https://api.x.ai/v1",
+    "moonshot": "https://api.moonshot.ai/v1",
+    "ollama": "http://127.0.0.1:11434/v1",
+    "vllm": "http://127.0.0.1:8000/v1",
+    "lmstudio": "http://127.0.0.1:1234/v1",
+    "llamacpp": "http://127.0.0.1:8080/v1",
+}
+# Servers people run themselves: they usually need no key.
+LOCAL_PROVIDERS = frozenset({"ollama", "vllm", "lmstudio", "llamacpp"})
+
+
 def _with_default_base(name: str, cfg: ProviderConfig) -> ProviderConfig:
     if cfg.api_base:
+        if not cfg.api_base.startswith(("http://", "https://")):
+            raise ConfigError(f"providers.{name}.apiBase: expected a URL starting with http:// or https://")
+        if cfg.api_key and "@" in cfg.api_base.split("/", 3)[2]:
+            # aiohttp refuses both; and a key belongs in apiKey, where it is kept out of logs.
+            raise ConfigError(f"providers.{name}.apiBase: user info in the URL and an apiKey; give only one")
         return cfg
-    if name == "openai":
-        return dataclasses.replace(cfg, api_base=OPENAI_API_BASE)
-    raise ConfigError(f"providers.{name}.apiBase: required for a provider other than openai")
+    base = PROVIDER_BASES.get(name)
+    if base is None:
+        raise ConfigError(
+            f"providers.{name}.apiBase: required ({name!r} is not a provider nanobot knows the address of; "
+            f"known: {', '.join(PROVIDER_BASES)})"
+        )
+    return dataclasses.replace(cfg, api_base=base)
+
+
+def safe_url(url: str) -> str:
+    """``url`` as ``scheme://host[:port]/path``: no user info, query or fragment (they may hold keys)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "(an invalid URL)"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
+    return f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
+
+
+class ProviderSummary(NamedTuple):
+    """What start-up says about the provider: nothing secret."""
+
+    name: str
+    api_base: str  # without user info, query or fragment
+    key_missing: bool  # no key (nor extra headers) for a provider that is not local
+
+
+def describe_provider(config: Config) -> ProviderSummary:
+    """The provider's name, its API base without secrets, and whether it lacks a key it likely needs."""
+    name, cfg = config.provider()
+    base = safe_url(cfg.api_base)
+    local = name in LOCAL_PROVIDERS or _is_loopback(cfg.api_base)
+    return ProviderSummary(name, base, not (cfg.api_key or cfg.extra_headers or local))
+
+
+def _is_loopback(url: str) -> bool:
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --------------------------------------------------------------------------- loading

@@ -16,8 +16,10 @@ from typing import Any
 from nanobot.agent.tools import ToolContext, ToolRegistry
 from nanobot.bus import InboundKind, InboundMessage, MessageBus, OutboundKind, OutboundMessage, Usage
 from nanobot.config import AgentDefaults
-from nanobot.errors import NanobotError, TurnTimeoutError
+from nanobot.errors import ContextLengthError, NanobotError, ProviderError, TurnTimeoutError
+from nanobot.providers.base import LLMResponse
 from nanobot.providers.openai_compat import OpenAICompatProvider
+from nanobot.providers.sse import DeltaCallback
 from nanobot.sessions import ChatMessage, SessionStore
 
 log = logging.getLogger(__name__)
@@ -128,42 +130,10 @@ class AgentLoop:
         async with self._sessions.lock(key):
             history = await self._sessions.history(key)
             live_user, stored_user = user_message(msg)
-            messages = [*self._context(msg), *history, live_user]
+            context = self._context(msg)
+            prompt = _Prompt([*context, *history, live_user], len(context), len(context) + len(history))
             new: list[ChatMessage] = [stored_user]
-            ctx = ToolContext(bus, msg.channel, msg.chat_id, msg.request_id)
-            usage = Usage()
-            defaults = self._defaults
-            for _ in range(defaults.max_tool_iterations):
-                resp = await self._provider.chat(
-                    messages,
-                    tools=self._tools.definitions,
-                    max_tokens=msg.max_tokens or defaults.max_tokens,
-                    temperature=defaults.temperature if msg.temperature is None else msg.temperature,
-                    on_delta=on_delta,
-                )
-                usage = usage + resp.usage
-                if not resp.tool_calls:
-                    answer, finish = resp.content, resp.finish_reason
-                    break
-                call_msg: ChatMessage = {
-                    "role": "assistant",
-                    "content": resp.content or None,
-                    "tool_calls": [tc.as_dict() for tc in resp.tool_calls],
-                }
-                messages.append(call_msg)
-                new.append(call_msg)
-                for call in resp.tool_calls:
-                    result = await self._tools.execute(call, ctx)
-                    tool_msg: ChatMessage = {"role": "tool", "tool_call_id": call.id, "content": result}
-                    messages.append(tool_msg)
-                    new.append(tool_msg)
-            else:
-                answer = (
-                    f"(stopped after {defaults.max_tool_iterations} tool iterations without a final answer)"
-                )
-                finish = "length"
-                if on_delta is not None:
-                    on_delta(answer)
+            answer, finish, usage = await self._loop(msg, prompt, new, on_delta)
             new.append({"role": "assistant", "content": answer})
             await self._sessions.append_turn(key, new)
         bus.publish_outbound(
@@ -177,3 +147,141 @@ class AgentLoop:
                 finish_reason=finish,
             )
         )
+
+    async def _loop(
+        self, msg: InboundMessage, prompt: _Prompt, new: list[ChatMessage], on_delta: DeltaCallback | None
+    ) -> tuple[str, str, Usage]:
+        """Call the model and run its tools until it answers; returns (answer, finish_reason, usage)."""
+        ctx = ToolContext(self._bus, msg.channel, msg.chat_id, msg.request_id)
+        messages = prompt.messages
+        usage = Usage()
+        limit = self._defaults.max_tool_iterations
+        for i in range(limit):
+            resp = await self._ask(msg, prompt, on_delta)
+            usage = usage + resp.usage
+            if not resp.tool_calls:
+                if i == 0 and not resp.content:
+                    raise ProviderError(
+                        f"the upstream LLM returned an empty answer (no text and no tool calls; "
+                        f"finish_reason {resp.finish_reason})"
+                    )
+                return resp.content, resp.finish_reason, usage
+            if resp.content:
+                await self._said_before_tools(msg, resp.content, on_delta)
+            call_msg: ChatMessage = {
+                "role": "assistant",
+                "content": resp.content or None,
+                "tool_calls": [tc.as_dict() for tc in resp.tool_calls],
+            }
+            messages.append(call_msg)
+            new.append(call_msg)
+            for call in resp.tool_calls:
+                result = await self._tools.execute(call, ctx)
+                tool_msg: ChatMessage = {"role": "tool", "tool_call_id": call.id, "content": result}
+                messages.append(tool_msg)
+                new.append(tool_msg)
+        answer = f"(stopped after {limit} tool iterations without a final answer)"
+        if on_delta is not None:
+            await _relay(on_delta, answer)
+        return answer, "length", usage
+
+    async def _said_before_tools(
+        self, msg: InboundMessage, text: str, on_delta: DeltaCallback | None
+    ) -> None:
+        """Text the model wrote before calling tools is part of what the user sees, in both modes.
+
+        A stream has shown it already: a blank line separates it from what follows. Otherwise
+        it goes out like a `message` to this chat, so a JSON reply holds the same text, in the
+        same order, as the stream would have.
+        """
+        if on_delta is not None:
+            await _relay(on_delta, "\n\n")
+            return
+        self._bus.publish_outbound(
+            OutboundMessage(msg.channel, msg.chat_id, text, OutboundKind.MESSAGE, msg.request_id)
+        )
+
+    async def _ask(self, msg: InboundMessage, prompt: _Prompt, on_delta: DeltaCallback | None) -> LLMResponse:
+        """One model call; refused for context length, it is tried once more without the oldest turns."""
+        defaults = self._defaults
+        while True:
+            try:
+                return await self._provider.chat(
+                    prompt.messages,
+                    tools=self._tools.definitions,
+                    max_tokens=msg.max_tokens or defaults.max_tokens,
+                    temperature=defaults.temperature if msg.temperature is None else msg.temperature,
+                    on_delta=on_delta,
+                )
+            except ContextLengthError as exc:
+                had_history = prompt.history_end > prompt.history_start
+                if prompt.trimmed or not prompt.drop_oldest_turns():
+                    raise ContextLengthError(_too_long(exc, had_history)) from exc
+                log.info("context length exceeded on %s: retrying without the oldest turns", msg.session_key)
+
+
+async def _relay(on_delta: DeltaCallback, text: str) -> None:
+    waiting = on_delta(text)
+    if waiting is not None:
+        await waiting
+
+
+def _too_long(exc: ContextLengthError, had_history: bool) -> str:
+    if had_history:
+        return (
+            "This conversation no longer fits the model's context, even with its oldest turns left out. "
+            "Start a new conversation (send a new session_id), or lower max_tokens. "
+            f"Upstream said: {exc.message}"
+        )
+    return (
+        "This message does not fit the model's context: shorten it, send smaller or fewer files, "
+        f"or lower max_tokens. Upstream said: {exc.message}"
+    )
+
+
+class _Prompt:
+    """What is sent to the model this turn; ``messages[history_start:history_end]`` is the history."""
+
+    __slots__ = ("history_end", "history_start", "messages", "trimmed")
+
+    def __init__(self, messages: list[ChatMessage], history_start: int, history_end: int) -> None:
+        self.messages = messages
+        self.history_start = history_start
+        self.history_end = history_end
+        self.trimmed = False
+
+    def drop_oldest_turns(self) -> bool:
+        """Drop the oldest turns (about half the history's text); False when there is none to drop."""
+        start, end = self.history_start, self.history_end
+        if start == end:
+            return False
+        kept = newest_turns(self.messages[start:end])
+        self.messages[start:end] = kept
+        self.history_end = start + len(kept)
+        self.trimmed = True
+        return True
+
+
+def newest_turns(history: list[ChatMessage]) -> list[ChatMessage]:
+    """The newest whole turns of ``history`` holding at most half its text (at least one message
+    fewer), starting at a user message so no tool result loses its call."""
+    sizes = [_size(m) for m in history]
+    budget = sum(sizes) // 2
+    start = len(history)
+    kept = 0
+    for i in range(len(history) - 1, 0, -1):
+        kept += sizes[i]
+        if kept > budget:
+            break
+        start = i
+    while start < len(history) and history[start].get("role") != "user":
+        start += 1
+    return history[start:]
+
+
+def _size(message: ChatMessage) -> int:
+    content = message.get("content")
+    size = len(content) if isinstance(content, str) else 0
+    for call in message.get("tool_calls") or ():
+        size += len(call["function"]["arguments"])
+    return size

@@ -32,3 +32,12 @@ class LLMResponse:
     tool_calls: tuple[ToolCall, ...] = ()
     finish_reason: str = "stop"
     usage: Usage = field(default_factory=Usage)
+
+
+def parse_usage(data: object) -> Usage:
+    """The ``usage`` object of a completion or of a stream's last chunk."""
+    if not isinstance(data, dict):
+        return Usage()
+    p = int(data.get("prompt_tokens") or 0)
+    c = int(data.get("completion_tokens") or 0)
+    return Usage(p, c, int(data.get("total_tokens") or p + c))

@@ -3,7 +3,11 @@
 Streams with SSE when the caller wants deltas, assembles tool-call deltas, captures
 usage, and retries connection errors, 429 and 5xx with backoff (the server's
 ``Retry-After`` overriding it) — but only while nothing of that call has been relayed.
-Every failure leaves as :class:`ProviderError` (502) or :class:`ProviderTimeoutError` (504).
+Every failure leaves as :class:`ProviderError` (502), :class:`ProviderTimeoutError` (504)
+or, when the prompt does not fit the model, :class:`ContextLengthError` (400); each names
+the URL called (without secrets) and what came back. ``should_retry`` on the error tells
+the API's clients whether retrying can help: not after a permanent refusal, nor once this
+client has already retried a server error.
 """
 
 from __future__ import annotations
@@ -16,49 +20,35 @@ from typing import Any
 import aiohttp
 import orjson
 
-from nanobot.bus import Usage
-from nanobot.config import ProviderConfig
-from nanobot.errors import ProviderError, ProviderTimeoutError
-from nanobot.providers.base import LLMResponse, ToolCall
+from nanobot.config import ProviderConfig, safe_url
+from nanobot.errors import ContextLengthError, ProviderError, ProviderTimeoutError
+from nanobot.providers.base import LLMResponse, ToolCall, parse_usage
+from nanobot.providers.sse import DeltaCallback, StreamReader
+from nanobot.providers.upstream import (
+    api_error_message,
+    bad_completion,
+    context_length_error,
+    excerpt,
+    is_context_length,
+    status_error,
+)
 
-# Called with each piece of text as it arrives. It may return an awaitable: the stream is not
-# read further until it resolves (back-pressure from a slow client to the upstream read).
-DeltaCallback = Callable[[str], Awaitable[None] | None]
+Sleep = Callable[[float], Awaitable[object]]
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+_LATER_STATUSES = frozenset({429, 503})  # "come back later": a client may retry after Retry-After
+_MAX_WAIT = 60.0  # a Retry-After longer than this is not waited for here (nor by the OpenAI SDKs)
+_ERROR_BODY_BYTES = 64 * 1024
+_MIN_SECRET = 6
 
 
 class _Retryable(Exception):
     """An attempt failed in a way worth retrying; ``retry_after`` is the server's hint."""
 
-    def __init__(self, error: ProviderError, retry_after: float | None = None) -> None:
+    def __init__(self, error: ProviderError, status: int = 0, retry_after: float | None = None) -> None:
         super().__init__(error.message)
         self.error = error
+        self.status = status
         self.retry_after = retry_after
-
-
-def _usage(data: object) -> Usage:
-    if not isinstance(data, dict):
-        return Usage()
-    p = int(data.get("prompt_tokens") or 0)
-    c = int(data.get("completion_tokens") or 0)
-    return Usage(p, c, int(data.get("total_tokens") or p + c))
-
-
-def _error_message(status: int, body: bytes) -> str:
-    detail = body[:500].decode("utf-8", "replace").strip()
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if isinstance(parsed, dict):
-        err = parsed.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            detail = err["message"]
-        elif isinstance(err, str):
-            detail = err
-    return (
-        f"upstream LLM returned HTTP {status}: {detail}" if detail else f"upstream LLM returned HTTP {status}"
-    )
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -70,19 +60,30 @@ def _retry_after(headers: Any) -> float | None:
 
 
 class OpenAICompatProvider:
-    """Chat completions against one OpenAI-compatible endpoint."""
+    """Chat completions against one OpenAI-compatible endpoint.
 
-    def __init__(self, config: ProviderConfig, *, model: str) -> None:
+    ``sleep`` is the clock seam of the retry backoff (tests pass one that records).
+    """
+
+    def __init__(self, config: ProviderConfig, *, model: str, sleep: Sleep = asyncio.sleep) -> None:
         self._config = config
         self._model = model
+        self._sleep = sleep
         self._url = config.api_base.rstrip("/") + "/chat/completions"
+        self._public_url = safe_url(self._url)
+        self._cap = config.max_response_bytes
         self._headers = {"Content-Type": "application/json", **config.extra_headers}
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
+        # An upstream may quote the key it was sent: never pass that on. (Short header values
+        # such as a team name are no secret, and replacing them would garble the text.)
+        self._secrets = tuple(
+            s.encode() for s in (config.api_key, *config.extra_headers.values()) if len(s) >= _MIN_SECRET
+        )
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
-        return f"OpenAICompatProvider(url={self._url!r}, model={self._model!r})"
+        return f"OpenAICompatProvider(url={self._public_url!r}, model={self._model!r})"
 
     async def start(self) -> None:
         """Open the pooled HTTP session (one for the process's lifetime)."""
@@ -124,47 +125,132 @@ class OpenAICompatProvider:
         payload = orjson.dumps(body)
         attempt = 0
         while True:
-            relayed = [False]
+            reader = StreamReader(on_delta, self._public_url, self._cap) if on_delta is not None else None
             try:
-                return await self._attempt(payload, on_delta, relayed)
+                return await self._attempt(payload, reader)
             except _Retryable as exc:
                 attempt += 1
-                if relayed[0] or attempt > self._config.max_retries:
-                    raise exc.error from exc
-                await asyncio.sleep(self._backoff(attempt, exc.retry_after))
+                hint = exc.retry_after
+                if (
+                    (reader is not None and reader.relayed)  # a retry would repeat relayed text
+                    or attempt > self._config.max_retries
+                    or (hint is not None and hint > _MAX_WAIT)
+                ):
+                    raise self._exhausted(exc, attempt) from exc
+                await self._sleep(self._backoff(attempt, hint))
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
-            return min(retry_after, 60.0)
+            return retry_after  # the server knows best (at most _MAX_WAIT: see chat)
         base: float = self._config.retry_base_seconds * 2.0 ** (attempt - 1)
         return min(base, 30.0) * (0.5 + random.random() / 2)
 
-    async def _attempt(
-        self, payload: bytes, on_delta: DeltaCallback | None, relayed: list[bool]
-    ) -> LLMResponse:
+    @staticmethod
+    def _exhausted(exc: _Retryable, attempt: int) -> ProviderError:
+        """The error once retrying is over, telling the API's clients whether to try again."""
+        err = exc.error
+        hint = exc.retry_after
+        if exc.status in _LATER_STATUSES:
+            # Capacity comes back with time: worth a later try, unless the wait is past any client's patience.
+            err.should_retry = hint is None or hint <= _MAX_WAIT
+            err.retry_after = hint
+        elif attempt > 1:
+            # Already retried here: a client retrying too only multiplies the upstream calls.
+            err.should_retry = False
+        if attempt > 1:
+            err.message = f"{err.message} (gave up after {attempt} tries)"
+            err.args = (err.message,)
+        return err
+
+    async def _attempt(self, payload: bytes, reader: StreamReader | None) -> LLMResponse:
         session = self._session
         if session is None:
             raise ProviderError("provider is not started")
+        url = self._public_url
         try:
             async with session.post(self._url, data=payload, headers=self._headers) as resp:
                 if resp.status != 200:
-                    err = ProviderError(_error_message(resp.status, await resp.read()))
-                    if resp.status in _RETRY_STATUSES:
-                        raise _Retryable(err, _retry_after(resp.headers))
-                    raise err
-                if on_delta is None:
-                    return _parse_completion(await resp.read())
-                return await _read_stream(resp, on_delta, relayed)
+                    raise await self._refusal(resp)
+                if reader is None:
+                    return self._completion(await self._read_body(resp), resp.content_type)
+                if resp.content_type in ("application/json", "text/html"):
+                    # Not an event stream (a server ignoring `stream`, or a proxy's page).
+                    answer = self._completion(await self._read_body(resp), resp.content_type)
+                    return await reader.relay_whole(answer)
+                return await reader.read(resp.content)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-            if relayed[0]:
-                raise ProviderError(
-                    f"upstream LLM connection lost mid-stream: {exc.__class__.__name__}"
-                ) from exc
-            raise _Retryable(ProviderError(f"cannot reach upstream LLM: {_safe(exc)}")) from exc
+            if reader is not None and reader.relayed:
+                raise ProviderError(f"upstream LLM at {url} closed the connection mid-answer") from exc
+            raise _Retryable(ProviderError(f"cannot reach upstream LLM at {url}: {_safe(exc)}")) from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise ProviderTimeoutError("upstream LLM timed out") from exc
+            cfg = self._config
+            raise ProviderTimeoutError(
+                f"upstream LLM at {url} timed out (connectTimeout {cfg.connect_timeout:g} s, "
+                f"readTimeout {cfg.read_timeout:g} s)"
+            ) from exc
         except aiohttp.ClientError as exc:
-            raise ProviderError(f"upstream LLM request failed: {exc.__class__.__name__}") from exc
+            raise ProviderError(f"upstream LLM request to {url} failed: {_safe(exc)}") from exc
+
+    async def _refusal(self, resp: aiohttp.ClientResponse) -> Exception:
+        """The exception for a non-200 answer: retryable, or final with ``should_retry`` false."""
+        status = resp.status
+        body = self._redact(await _read_head(resp, _ERROR_BODY_BYTES))
+        err = status_error(self._public_url, status, body, resp.content_type)
+        if isinstance(err, ContextLengthError):
+            return err
+        if status in _RETRY_STATUSES:
+            return _Retryable(err, status, _retry_after(resp.headers))
+        err.should_retry = False  # 400/401/403/404/422...: the same request fails the same way
+        return err
+
+    def _redact(self, body: bytes) -> bytes:
+        for secret in self._secrets:
+            body = body.replace(secret, b"[redacted]")
+        return body
+
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, at most ``maxResponseBytes``."""
+        length = resp.content_length
+        if length is not None and length <= self._cap:
+            return await resp.read()
+        body = await _read_head(resp, self._cap + 1)
+        if len(body) > self._cap:
+            raise ProviderError(
+                f"upstream LLM at {self._public_url} sent more than {self._cap} bytes "
+                "(providers.*.maxResponseBytes)"
+            )
+        return body
+
+    def _completion(self, raw: bytes, content_type: str) -> LLMResponse:
+        url = self._public_url
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise bad_completion(url, self._redact(raw), content_type, "not JSON") from exc
+        if not isinstance(data, dict):
+            raise bad_completion(url, self._redact(raw), content_type, "not a JSON object")
+        if "error" in data:  # some proxies answer 200 with an error body
+            redacted = self._redact(raw)
+            message = api_error_message(orjson.loads(redacted)) or redacted.decode("utf-8", "replace")
+            if is_context_length(message):
+                raise context_length_error(url, "HTTP 200", message)
+            raise ProviderError(f"upstream LLM at {url} answered HTTP 200 with an error: {excerpt(message)}")
+        try:
+            return _parse_completion(data)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise bad_completion(url, self._redact(raw), content_type, "unexpected shape") from exc
+
+
+async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Up to ``limit`` bytes of the body (an error page may be endless)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)
 
 
 def _safe(exc: BaseException) -> str:
@@ -172,83 +258,23 @@ def _safe(exc: BaseException) -> str:
     return str(exc)[:200] or exc.__class__.__name__
 
 
-def _parse_completion(raw: bytes) -> LLMResponse:
-    try:
-        data = orjson.loads(raw)
-        choice = data["choices"][0]
-        message = choice.get("message") or {}
-        calls = tuple(
-            ToolCall(
-                str(c.get("id") or f"call_{i}"), c["function"]["name"], c["function"].get("arguments") or "{}"
-            )
-            for i, c in enumerate(message.get("tool_calls") or ())
+def _parse_completion(data: dict[str, Any]) -> LLMResponse:
+    """A parsed completion; no choices at all is an empty answer (the agent decides what that means)."""
+    choices = data.get("choices")
+    usage = parse_usage(data.get("usage"))
+    if not choices:
+        return LLMResponse(usage=usage)
+    choice = choices[0]
+    message = choice.get("message") or {}
+    calls = tuple(
+        ToolCall(
+            str(c.get("id") or f"call_{i}"), c["function"]["name"], c["function"].get("arguments") or "{}"
         )
-        return LLMResponse(
-            content=message.get("content") or "",
-            tool_calls=calls,
-            finish_reason=choice.get("finish_reason") or ("tool_calls" if calls else "stop"),
-            usage=_usage(data.get("usage")),
-        )
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise ProviderError("upstream LLM returned a malformed completion") from exc
-
-
-class _ToolCallParts:
-    __slots__ = ("args", "id", "name")
-
-    def __init__(self) -> None:
-        self.id = ""
-        self.name = ""
-        self.args: list[str] = []
-
-
-async def _read_stream(
-    resp: aiohttp.ClientResponse, on_delta: DeltaCallback, relayed: list[bool]
-) -> LLMResponse:
-    text: list[str] = []
-    calls: dict[int, _ToolCallParts] = {}
-    finish = "stop"
-    usage = Usage()
-    done = finished = False
-    async for line in resp.content:
-        if not line.startswith(b"data:"):
-            continue  # comments, event names, blank separators
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            done = True
-            break
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise ProviderError("upstream LLM sent a malformed stream chunk") from exc
-        if not isinstance(chunk, dict):
-            continue
-        if "error" in chunk:
-            raise ProviderError(_error_message(502, data))
-        if chunk.get("usage"):
-            usage = _usage(chunk["usage"])
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            piece = delta.get("content")
-            if piece:
-                text.append(piece)
-                relayed[0] = True
-                pending = on_delta(piece)
-                if pending is not None:
-                    await pending
-            for tc in delta.get("tool_calls") or ():
-                parts = calls.setdefault(int(tc.get("index", 0)), _ToolCallParts())
-                parts.id = tc.get("id") or parts.id
-                fn = tc.get("function") or {}
-                parts.name = fn.get("name") or parts.name
-                if fn.get("arguments"):
-                    parts.args.append(fn["arguments"])
-            if choice.get("finish_reason"):
-                finish = choice["finish_reason"]
-                finished = True
-    if not (done or finished):
-        raise ProviderError("upstream LLM closed the stream before it finished")
-    tool_calls = tuple(
-        ToolCall(p.id or f"call_{i}", p.name, "".join(p.args) or "{}") for i, p in sorted(calls.items())
+        for i, c in enumerate(message.get("tool_calls") or ())
     )
-    return LLMResponse("".join(text), tool_calls, finish, usage)
+    return LLMResponse(
+        content=message.get("content") or "",
+        tool_calls=calls,
+        finish_reason=choice.get("finish_reason") or ("tool_calls" if calls else "stop"),
+        usage=usage,
+    )
