@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from collections.abc import Awaitable, Callable
@@ -470,3 +471,24 @@ async def test_latin1_image_name_does_not_break_the_session(gateway: str, fake_l
     status, data = await post_json(gateway, {"messages": [{"role": "user", "content": "and now?"}]})
     assert status == 200, data
     assert "photo-été.png" in fake_llm.requests[-1]["messages"][1]["content"]
+
+
+async def test_undecodable_content_type_is_a_clean_400(gateway: str) -> None:
+    """A multipart Content-Type with raw non-UTF-8 bytes and no boundary gets a 400 OpenAI error
+    with an x-request-id (its text quoted in the error used to break the JSON error body)."""
+    host, port = gateway.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b"--XX--\r\n"
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+        b"Content-Type: multipart/form-data; name=caf\xe9\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+    )
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), raw[:300]
+    assert b"\r\nx-request-id: " in head.lower()
+    error = orjson.loads(payload)["error"]
+    assert "boundary" in error["message"] and error["type"] == "invalid_request_error"
