@@ -480,7 +480,7 @@ async def test_undecodable_content_type_is_a_clean_400(gateway: str) -> None:
     reader, writer = await asyncio.open_connection(host, int(port))
     body = b"--XX--\r\n"
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() + b"\r\n"
         b"Content-Type: multipart/form-data; name=caf\xe9\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
     )
