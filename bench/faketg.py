@@ -1,9 +1,12 @@
 """A fake Telegram Bot API, served from the fake-upstream process (``bench.upstream --telegram``).
 
 ``getUpdates`` hands out queued updates (long-polling up to 1 s when none are queued);
-``sendMessage`` is counted; any other method answers ``{"ok": true, "result": true}``.
+``sendMessage`` is counted and recorded; any other method answers ``{"ok": true, "result": true}``.
 Bench control: ``POST /bench/enqueue?n=N&chats=K`` queues N private text messages spread over
-K chats; ``GET /bench/tgstats`` returns the counters and first/last send times.
+K chats, message i reading ``msg-<i> echo=1`` (the fake upstream then answers with that text);
+``GET /bench/tgstats`` returns the counters and first/last send times; ``GET /bench/tgsent``
+returns what was enqueued (marker -> chat) and every sendMessage as ``[chat_id, text]``, so the
+benchmark can check each message was answered once, in its chat, with its text.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class FakeTelegram:
 
     def __init__(self) -> None:
         self.updates: list[dict[str, Any]] = []
+        self.expected: dict[str, int] = {}  # marker text -> the chat it was sent from
+        self.sends: list[tuple[object, str]] = []  # every sendMessage: (chat_id, text)
         self.next_id = 1
         self.new = asyncio.Event()
         self.sent = 0
@@ -36,13 +41,15 @@ class FakeTelegram:
         now = int(time.time())
         for i in range(n):
             chat = 1000 + i % max(1, chats)
+            marker = f"msg-{len(self.expected):06d}"
+            self.expected[marker] = chat
             self.updates.append(
                 {
                     "update_id": self.next_id,
                     "message": {
                         "message_id": self.next_id,
                         "date": now,
-                        "text": f"hi {i}",
+                        "text": f"{marker} echo=1",
                         "from": {"id": chat, "is_bot": False, "first_name": "bench"},
                         "chat": {"id": chat, "type": "private", "first_name": "bench"},
                     },
@@ -69,6 +76,8 @@ class FakeTelegram:
                     "t_last_send": self.t_last_send,
                 }
             )
+        if path == "/bench/tgsent":
+            return web.json_response({"expected": self.expected, "sent": self.sends})
         method = path.rsplit("/", 1)[-1]
         params = await _params(request)
         if method == "getUpdates":
@@ -76,6 +85,7 @@ class FakeTelegram:
         if method == "sendMessage":
             now = time.perf_counter()
             self.sent += 1
+            self.sends.append((params.get("chat_id"), str(params.get("text", ""))))
             self.t_first_send = self.t_first_send or now
             self.t_last_send = now
             result = {

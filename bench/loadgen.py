@@ -8,7 +8,10 @@ It prints one JSON object (the scenario's result) on stdout. Scenarios (``spec["
 * ``ttfb``        - ``n`` sequential streams: time to the first ``data:`` line.
 * ``stream_rate`` - ``n`` sequential streams of ``deltas`` deltas: deltas/s counted here.
 * ``streams``     - ``n`` streams opened at once: how many complete, and how long they take.
-* ``multipart``   - ``n`` sequential multipart uploads of one file: request time.
+* ``multipart``   - ``n`` sequential multipart uploads of one file: request time. With
+  ``expect`` (``{"min_chars": N, "vocab": [...], "min_words": K}``) the message asks the fake
+  upstream for a report (``report=1``) and an upload only counts if that report shows the file's
+  label and extracted text (at least N characters, K words of ``vocab``) reached the model.
 
 Every loop is bounded by a request count and a deadline; each request has a timeout.
 """
@@ -131,7 +134,7 @@ async def closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
     """Closed-loop non-stream load; see the module docstring."""
     url, conc = spec["url"], int(spec["concurrency"])
     shared = spec.get("session", "distinct") == "shared"
-    validate = bool(spec.get("validate", shared))
+    validate = bool(spec.get("validate", True))
     content = spec.get("content", "hi")
     run = uuid.uuid4().hex[:8]
     start = time.perf_counter()
@@ -193,11 +196,38 @@ async def closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _valid_completion(raw: bytes) -> bool:
+    """A whole chat.completion with a non-empty answer that finished normally (an error, an
+    empty reply or a truncated body sent with status 200 must not count as a success)."""
     try:
         body = orjson.loads(raw)
-        return isinstance(body["choices"][0]["message"]["content"], str)
+        choice = body["choices"][0]
+        content = choice["message"]["content"]
+        return (
+            body["object"] == "chat.completion"
+            and isinstance(content, str)
+            and bool(content)
+            and choice["finish_reason"] == "stop"
+        )
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
         return False
+
+
+def text_seen_upstream(raw: bytes, label: str, expect: dict[str, Any]) -> str:
+    """Why the fake upstream's ``report=1`` answer does not show the file's text, or "" if it does."""
+    try:
+        report = orjson.loads(orjson.loads(raw)["choices"][0]["message"]["content"])
+        chars, excerpt = int(report["chars"]), str(report["excerpt"])
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+        return f"no upstream report in the answer: {raw[:200]!r}"
+    if not excerpt.startswith(f"[File: {label}]"):
+        return f"the model never saw the [File: {label}] block: {excerpt[:120]!r}"
+    if chars < int(expect["min_chars"]):
+        return f"the model saw only {chars} characters of text"
+    words = set(excerpt.split())
+    found = sum(1 for w in expect["vocab"] if w in words)
+    if found < int(expect["min_words"]):
+        return f"the extracted text has {found} of the document's words: {excerpt[:120]!r}"
+    return ""
 
 
 async def _one_stream(
@@ -306,13 +336,15 @@ async def multipart(spec: dict[str, Any]) -> dict[str, Any]:
     data = await asyncio.to_thread(_read, path)
     name = os.path.basename(path)
     mime = spec.get("mime", "application/octet-stream")
+    expect = spec.get("expect")
+    message = spec.get("message", "summarize the attachment") + (" report=1" if expect else "")
     errors = Errors()
     times: list[int] = []
     run = uuid.uuid4().hex[:8]
 
     async def upload(http: aiohttp.ClientSession, sid: str) -> None:
         form = aiohttp.FormData()
-        form.add_field("message", spec.get("message", "summarize the attachment"))
+        form.add_field("message", message)
         form.add_field("session_id", sid)
         form.add_field("model", "bench-model")
         form.add_field("files", data, filename=name, content_type=mime)
@@ -326,7 +358,12 @@ async def multipart(spec: dict[str, Any]) -> dict[str, Any]:
         except (aiohttp.ClientError, TimeoutError) as exc:
             errors.add(type(exc).__name__, str(exc))
             return
-        times.append(time.perf_counter_ns() - t0)
+        elapsed = time.perf_counter_ns() - t0
+        unseen = text_seen_upstream(raw, name, expect) if expect else ""
+        if unseen:
+            errors.add("text not seen upstream", unseen)
+            return
+        times.append(elapsed)
 
     async with _session(parallel, float(spec.get("timeout", 60))) as http:
         for i in range(n):

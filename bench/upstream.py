@@ -8,6 +8,11 @@ message and history may come before it, and tool results after it):
 * ``delay_ms=M`` - stream: sleep M ms before each delta (default 0: written back to back).
 * ``tool=NAME``  - if the conversation does not yet hold a tool result, answer with one call of
   the tool NAME whose arguments are the JSON in ``args=...`` (rest of the line), else a text.
+* ``echo=1``     - non-stream: the content is the user message's text itself, so a benchmark
+  can check that each reply answers its own message.
+* ``report=1``   - non-stream: the content is a JSON report of what arrived, ``{"chars": <length
+  of the user text>, "excerpt": <up to 3,000 characters from its first "[File: " label>}``, so a
+  benchmark can check that a file's extracted text reached the model.
 
 Non-stream replies are a complete ``chat.completion`` with ``usage``; streams are SSE
 ``data: {chunk}`` lines ending in ``data: [DONE]``. ``GET /bench/stats`` returns counters.
@@ -84,6 +89,16 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _content(ctl: dict[str, int], text: str, deltas: int) -> str:
+    """A non-stream reply's text: ``deltas`` words, or the echo or report the message asked for."""
+    if ctl.get("echo"):
+        return text
+    if ctl.get("report"):
+        start = max(0, text.find("[File: "))
+        return orjson.dumps({"chars": len(text), "excerpt": text[start : start + 3000]}).decode()
+    return " ".join(["tok"] * deltas)
+
+
 def _tool_call(text: str) -> dict[str, Any] | None:
     name = re.search(r"\btool=([A-Za-z_][\w-]*)", text)
     if name is None:
@@ -128,7 +143,7 @@ class Upstream:
             stats.streams += 1
             return await self._stream(request, model, ctl, call, bool(body.get("stream_options")))
         deltas = ctl.get("deltas", 1)
-        message: dict[str, Any] = {"role": "assistant", "content": " ".join(["tok"] * deltas)}
+        message: dict[str, Any] = {"role": "assistant", "content": _content(ctl, text, deltas)}
         if call is not None:
             message = {"role": "assistant", "content": None, "tool_calls": [call]}
         reply = {

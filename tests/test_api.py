@@ -210,17 +210,17 @@ async def test_keep_alive_comments_while_waiting(
     [
         (
             {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-            "messages",
+            "messages[1]",
             "session_id",
         ),
         (
             {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
-            "messages",
+            "messages[0]",
             "session_id",
         ),
         (
             {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
-            "messages",
+            "messages[1]",
             "session_id",
         ),
         ({"messages": []}, "messages", "non-empty"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from collections.abc import Awaitable, Callable
@@ -387,3 +388,107 @@ async def test_request_over_max_request_bytes_is_413(start_gateway: Callable[...
         url, [("message", "x", None)] + [("files", b"a" * 40_000, f"{i}.txt") for i in range(3)]
     )
     assert status == 413 and "maxRequestBytes" in body["error"]["message"]
+
+
+async def post_raw(url: str, body: bytes, boundary: str = "XX") -> tuple[int, Any, str | None]:
+    """POST a hand-written multipart body; the status, the JSON answer and the x-request-id."""
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{url}/v1/chat/completions", data=body, headers=headers) as r,
+    ):
+        return r.status, await r.json(), r.headers.get("x-request-id")
+
+
+MALFORMED_FORMS = {
+    "bad header byte": b'--XX\r\nContent-Dis\xf0osition: form-data; name="message"\r\n\r\nhi\r\n--XX--\r\n',
+    "non-UTF-8 field name": (
+        b'--XX\r\nContent-Disposition: form-data; name="fil\xe5s"\r\n\r\nhi\r\n--XX--\r\n'
+    ),
+    "no name": b"--XX\r\nContent-Disposition: form-data\r\n\r\nhi\r\n--XX--\r\n",
+    "header line too long": b"--XX\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\nhi\r\n--XX--\r\n",
+    "no closing boundary": b'--XX\r\nContent-Disposition: form-data; name="message"\r\n\r\nhi',
+    "no opening boundary": b"just some bytes\r\n",
+    "bad _charset_ part": b'--XX\r\nContent-Disposition: form-data; name="_charset_"\r\n\r\n'
+    + b"x" * 40
+    + b'\r\n--XX\r\nContent-Disposition: form-data; name="message"\r\n\r\nhi\r\n--XX--\r\n',
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED_FORMS.values(), ids=MALFORMED_FORMS.keys())
+async def test_malformed_multipart_is_a_400_in_openai_shape(
+    gateway: str, fake_llm: FakeLLM, body: bytes
+) -> None:
+    """A malformed form is a 400 OpenAI error with an x-request-id, never a 500 (or a plain-text one)."""
+    status, data, rid = await post_raw(gateway, body)
+    assert status == 400, data
+    assert set(data["error"]) == {"message", "type", "param", "code"}
+    assert data["error"]["type"] == "invalid_request_error" and rid
+    assert fake_llm.requests == []
+
+
+async def test_non_utf8_field_name_is_named_readably(gateway: str) -> None:
+    """An unknown field with a Latin-1 name is named in the 400 (decoded as Latin-1), never garbled."""
+    status, data, _ = await post_raw(gateway, MALFORMED_FORMS["non-UTF-8 field name"])
+    assert status == 400 and "'filås'" in data["error"]["message"] and data["error"]["param"] == "filås"
+
+
+def latin1_form(filename: bytes, content: bytes, content_type: str = "text/plain") -> bytes:
+    return (
+        b'--XX\r\nContent-Disposition: form-data; name="message"\r\n\r\nsummarize\r\n'
+        b'--XX\r\nContent-Disposition: form-data; name="files"; filename="' + filename + b'"\r\n'
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + content + b"\r\n--XX--\r\n"
+    )
+
+
+async def test_latin1_file_name_uploads_fine(gateway: str, fake_llm: FakeLLM) -> None:
+    """A file name in Latin-1 bytes (as some clients send it) is only a label: the upload works and
+    the file's text reaches the model under that name."""
+    status, data, _ = await post_raw(gateway, latin1_form(b"r\xe9sum\xe9.txt", b"hello from the file"))
+    assert status == 200, data
+    text = text_of(upstream_user(fake_llm))
+    assert "[File: résumé.txt]" in text and "hello from the file" in text
+
+
+async def test_rfc5987_file_name_wins(gateway: str, fake_llm: FakeLLM) -> None:
+    """filename*=UTF-8''… (RFC 7578/5987) names the file, over the ASCII fallback filename."""
+    body = (
+        b'--XX\r\nContent-Disposition: form-data; name="message"\r\n\r\nread\r\n'
+        b'--XX\r\nContent-Disposition: form-data; name="files"; filename="fallback.txt"; '
+        b"filename*=UTF-8''%E2%82%AC-report.txt\r\n\r\nnumbers\r\n--XX--\r\n"
+    )
+    status, data, _ = await post_raw(gateway, body)
+    assert status == 200, data
+    assert "[File: €-report.txt]" in text_of(upstream_user(fake_llm))
+
+
+async def test_latin1_image_name_does_not_break_the_session(gateway: str, fake_llm: FakeLLM) -> None:
+    """An image with a Latin-1 file name is answered, and the session keeps working afterwards
+    (its history label used to be undecodable text that failed every later turn)."""
+    body = latin1_form(b"photo-\xe9t\xe9.png", make_png(), "image/png")
+    status, data, _ = await post_raw(gateway, body)
+    assert status == 200, data
+    status, data = await post_json(gateway, {"messages": [{"role": "user", "content": "and now?"}]})
+    assert status == 200, data
+    assert "photo-été.png" in fake_llm.requests[-1]["messages"][1]["content"]
+
+
+async def test_undecodable_content_type_is_a_clean_400(gateway: str) -> None:
+    """A multipart Content-Type with raw non-UTF-8 bytes and no boundary gets a 400 OpenAI error
+    with an x-request-id (its text quoted in the error used to break the JSON error body)."""
+    host, port = gateway.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b"--XX--\r\n"
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() + b"\r\n"
+        b"Content-Type: multipart/form-data; name=caf\xe9\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+    )
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), raw[:300]
+    assert b"\r\nx-request-id: " in head.lower()
+    error = orjson.loads(payload)["error"]
+    assert "boundary" in error["message"] and error["type"] == "invalid_request_error"

@@ -128,13 +128,15 @@ def _split_messages(messages: object) -> tuple[str, int, dict[str, Any]]:
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if not isinstance(m, dict) or not isinstance(role, str):
-            raise RequestError(f"messages[{i}] must be an object with a 'role'", param="messages")
+            raise RequestError(f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
         if role in ("system", "developer") and user is None:
             instructions.append(_text_of(m.get("content"), f"messages[{i}].content"))
         elif role == "user" and user is None:
             user, index = m, i
         else:
-            raise RequestError(f"messages[{i}] ({role}) is not accepted. {_HISTORY_HINT}", param="messages")
+            raise RequestError(
+                f"messages[{i}] ({role}) is not accepted. {_HISTORY_HINT}", param=f"messages[{i}]"
+            )
     if user is None:
         raise RequestError(f"messages has no 'user' message. {_HISTORY_HINT}", param="messages")
     return "\n\n".join(s for s in instructions if s), index, user
