@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 import pytest
 
 from nanobot.config import parse_config
@@ -121,3 +122,15 @@ async def test_malformed_request_is_logged_in_one_line_without_the_header(
     assert "Invalid header value char" in bad[0].getMessage()
     assert "Traceback" not in caplog.text
     assert "sk-client-SECRET" not in caplog.text
+
+
+def test_an_error_text_with_a_lone_surrogate_is_still_an_openai_error() -> None:
+    """An error quoting a name that is not UTF-8 still answers in OpenAI shape, not a plain-text 500."""
+    from nanobot.errors import RequestError
+    from nanobot.gateway.errors import error_response
+
+    resp = error_response(RequestError("unknown form field 'fil\udce5s'", param="fil\udce5s"))
+    assert resp.status == 400
+    body = orjson.loads(resp.body)  # type: ignore[arg-type]
+    assert body["error"]["message"] == "unknown form field 'fil\\udce5s'"
+    assert body["error"]["param"] == "fil\\udce5s"

@@ -35,7 +35,23 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def error_body(exc: NanobotError) -> dict[str, dict[str, str | None]]:
     """The OpenAI error object for ``exc``; configured secrets (an upstream may quote its key)
     are redacted here, where every error bound for a client passes, JSON body and SSE event alike."""
-    return {"error": {"message": redact(exc.message), "type": exc.type, "param": exc.param, "code": exc.code}}
+    param = exc.param
+    return {
+        "error": {
+            "message": _encodable(redact(exc.message)),
+            "type": exc.type,
+            "param": param if param is None else _encodable(param),
+            "code": exc.code,
+        }
+    }
+
+
+def _encodable(text: str) -> str:
+    """``text`` without lone surrogates (a non-UTF-8 name decoded with ``surrogateescape`` would
+    make the JSON encoder fail while answering, i.e. a plain-text 500)."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_headers(exc: NanobotError) -> dict[str, str]:
