@@ -31,7 +31,7 @@ CHANNELS = web.AppKey("channels", ChannelManager)
 def build_app(config: Config) -> web.Application:
     """The gateway app with the whole runtime (sessions, provider, agent, channels) in its cleanup_ctx."""
     bus = MessageBus()
-    api = ApiChannel()
+    api = ApiChannel(max_turns=config.api.max_concurrent_turns)
     app = create_app(config, bus, api)
     app[CHANNELS] = manager = build_channel_manager(config, bus, api)
 
@@ -42,11 +42,14 @@ def build_app(config: Config) -> web.Application:
             defaults.workspace_path,
             max_messages=defaults.max_history_messages,
             max_chars=defaults.max_history_chars,
+            cache_bytes=defaults.session_cache_bytes,
         )
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
         tools = ToolRegistry([MessageTool()])
-        agent = AgentLoop(bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout)
+        agent = AgentLoop(
+            bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout, pressure=api
+        )
         tasks: list[asyncio.Task[None]] = []
         try:
             await manager.start()
