@@ -20,6 +20,7 @@ from nanobot.channels.lifecycle import reload_on_signal
 from nanobot.channels.manager import ChannelManager, build_channel_manager
 from nanobot.config import Config
 from nanobot.gateway.app import create_app
+from nanobot.gateway.connections import make_runner, run_until
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.sessions import SessionStore
 
@@ -80,7 +81,7 @@ def install_uvloop() -> None:
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     """Run the gateway until SIGINT/SIGTERM (or cancellation), then shut down in order."""
     app = build_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    runner = make_runner(app, config.api)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -104,6 +105,6 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         with reload_on_signal(config.agents.defaults.workspace_path, app[CHANNELS].request_reload):
             if ready is not None:
                 ready.set()
-            await stop.wait()
+            await run_until(stop, runner, config.api)
     finally:
         await runner.cleanup()
