@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -94,7 +95,7 @@ async def _sweep(server: Server, header_timeout: float) -> None:
         first_seen = waiting
         if limit and now >= next_fd_check:
             next_fd_check = now + _FD_CHECK_EVERY
-            used = _open_fds()
+            used = _open_fds(limit)
             if used is not None and used > limit * _FD_WARN_SHARE and now - warned_at >= _FD_WARN_EVERY:
                 warned_at = now
                 log.warning(
@@ -112,10 +113,14 @@ def _file_limit() -> int:
     return 0 if soft == resource.RLIM_INFINITY else soft
 
 
-def _open_fds() -> int | None:
+def _open_fds(limit: int) -> int | None:
+    """Open file descriptors (a few hundred microseconds, every few seconds); None if unknown."""
     for path in ("/proc/self/fd", "/dev/fd"):
-        with contextlib.suppress(OSError):
-            return len(os.listdir(path))  # a few hundred microseconds, every few seconds
+        try:
+            return len(os.listdir(path))
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                return limit  # not even one left to count them with
     return None
 
 
