@@ -13,6 +13,8 @@ import openai
 import orjson
 import pytest
 
+from nanobot.config import parse_config
+from nanobot.errors import ConfigError
 from nanobot.sessions import SessionStore
 from served import serve
 
@@ -72,7 +74,7 @@ async def test_connections_without_a_request_head_are_closed(tmp_path: Path, fak
 
 
 async def test_idle_keep_alive_connection_is_closed(tmp_path: Path, fake_llm: FakeLLM) -> None:
-    """A keep-alive connection left idle is closed after api.idleTimeout (a busy one is not cut early)."""
+    """A keep-alive connection is reused, and closed once left idle for api.idleTimeout."""
     async with serve(tmp_path, fake_llm.url, {"idleTimeout": 0.3}) as gw:  # type: ignore[attr-defined]
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         for _ in range(2):  # the connection is reused: it stays open while requests keep coming
@@ -239,3 +241,10 @@ async def test_session_cache_is_bounded_by_bytes(tmp_path: Path) -> None:
         assert len(await store.history("api:s0")) == 4
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("key", ["maxConcurrentTurns", "headerTimeout", "idleTimeout", "streamStallTimeout"])
+def test_bounds_must_be_positive(key: str) -> None:
+    """A zero bound (which would refuse every request or close every connection) is a config error."""
+    with pytest.raises(ConfigError, match=f"api.{key}: must be greater than 0"):
+        parse_config({"api": {key: 0}})
