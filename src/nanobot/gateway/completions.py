@@ -220,11 +220,11 @@ class _Pacer:
         if self._transport is not None:
             self._transport.abort()  # close() would wait for the unsent buffer forever
 
-    async def write(self, resp: web.StreamResponse, data: bytes) -> None:
-        """Write ``data``; ConnectionResetError if the reader was cut meanwhile."""
+    async def write(self, resp: web.StreamResponse, data: bytes, *, last: bool = False) -> None:
+        """Write ``data`` (and end the stream if ``last``); ConnectionResetError if the reader was cut."""
         self._since = self._loop.time()
         self._writing = True
-        await resp.write(data)
+        await (resp.write_eof(data) if last else resp.write(data))
         self._writing = False
         if self._cut:
             raise ConnectionResetError("the stream reader was cut")
@@ -277,12 +277,10 @@ async def _relay(
                 frames.append(DONE)
             else:
                 frames.append(error_event(out.error or NanobotError("the turn failed")))
-            await pacer.write(resp, b"".join(frames))
-            await resp.write_eof()
+            await pacer.write(resp, b"".join(frames), last=True)
             return True
         if reply.refused is not None:  # shutting down: say so, the caller cancels the turn
             frames.append(error_event(reply.refused))
-            await pacer.write(resp, b"".join(frames))
-            await resp.write_eof()
+            await pacer.write(resp, b"".join(frames), last=True)
             return False
         await pacer.write(resp, b"".join(frames))
