@@ -156,9 +156,10 @@ async def test_api_messages_take_the_fast_path(tmp_path: Path) -> None:
     await manager.start()
     task = asyncio.create_task(manager.run())
     try:
-        queue = api.open("req-1")
+        reply = api.open("req-1", stream=True)
         bus.publish_outbound(OutboundMessage("api", "default", "hi", OutboundKind.DELTA, reply_to="req-1"))
-        assert (await asyncio.wait_for(queue.get(), 5)).content == "hi"
+        await asyncio.wait_for(reply.wait(), 5)
+        assert reply.take() == ["hi"]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -363,6 +363,16 @@ def _check(config: Config) -> None:
         raise ConfigError(f"api.port: expected 1-65535, got {api.port}")
     if api.timeout <= 0:
         raise ConfigError("api.timeout: must be greater than 0")
+    for key, bound in (
+        ("maxConcurrentTurns", api.max_concurrent_turns),
+        ("headerTimeout", api.header_timeout),
+        ("idleTimeout", api.idle_timeout),
+        ("streamStallTimeout", api.stream_stall_timeout),
+    ):
+        if bound <= 0:
+            raise ConfigError(f"api.{key}: must be greater than 0")
+    if api.shutdown_grace < 0:
+        raise ConfigError("api.shutdownGrace: must not be negative")
     if not config.agents.defaults.model:
         raise ConfigError("agents.defaults.model: must not be empty")
     if config.agents.defaults.max_tool_iterations < 1:

@@ -20,6 +20,7 @@ from nanobot.channels.lifecycle import reload_on_signal
 from nanobot.channels.manager import ChannelManager, build_channel_manager
 from nanobot.config import Config
 from nanobot.gateway.app import create_app
+from nanobot.gateway.connections import make_runner, run_until
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.sessions import SessionStore
 
@@ -31,7 +32,7 @@ CHANNELS = web.AppKey("channels", ChannelManager)
 def build_app(config: Config) -> web.Application:
     """The gateway app with the whole runtime (sessions, provider, agent, channels) in its cleanup_ctx."""
     bus = MessageBus()
-    api = ApiChannel()
+    api = ApiChannel(max_turns=config.api.max_concurrent_turns)
     app = create_app(config, bus, api)
     app[CHANNELS] = manager = build_channel_manager(config, bus, api)
 
@@ -42,11 +43,14 @@ def build_app(config: Config) -> web.Application:
             defaults.workspace_path,
             max_messages=defaults.max_history_messages,
             max_chars=defaults.max_history_chars,
+            cache_bytes=defaults.session_cache_bytes,
         )
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
         tools = ToolRegistry([MessageTool()])
-        agent = AgentLoop(bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout)
+        agent = AgentLoop(
+            bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout, pressure=api
+        )
         tasks: list[asyncio.Task[None]] = []
         try:
             await manager.start()
@@ -77,7 +81,7 @@ def install_uvloop() -> None:
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     """Run the gateway until SIGINT/SIGTERM (or cancellation), then shut down in order."""
     app = build_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    runner = make_runner(app, config.api)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -101,6 +105,6 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         with reload_on_signal(config.agents.defaults.workspace_path, app[CHANNELS].request_reload):
             if ready is not None:
                 ready.set()
-            await stop.wait()
+            await run_until(stop, runner, config.api)
     finally:
         await runner.cleanup()

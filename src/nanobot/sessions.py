@@ -193,8 +193,21 @@ def trim_history(messages: list[ChatMessage], limit: int, max_chars: int = 0) ->
     return messages[start:] if start else messages
 
 
+# Counted per cached message on top of its text: the dict and its keys cost memory too.
+_MESSAGE_OVERHEAD = 64
+
+
+def _cost(messages: Sequence[ChatMessage]) -> int:
+    return sum(_size(m) for m in messages) + _MESSAGE_OVERHEAD * len(messages)
+
+
 class SessionStore:
-    """History per session key, cached in memory, persisted through a :class:`SessionBackend`."""
+    """History per session key, cached in memory, persisted through a :class:`SessionBackend`.
+
+    The cache is bounded by size (``cache_bytes``, roughly the text it holds) and by count:
+    least recently used sessions are dropped first and reloaded from disk when next needed;
+    a session larger than the whole bound is never cached.
+    """
 
     def __init__(
         self,
@@ -203,23 +216,39 @@ class SessionStore:
         max_messages: int = 100,
         max_chars: int = 0,
         cache_size: int = 10_000,
+        cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._backend = backend
         self._max = max_messages
         self._max_chars = max_chars
         self._cache_size = cache_size
+        self._cache_limit = cache_bytes
         self._cache: OrderedDict[str, list[ChatMessage]] = OrderedDict()
+        self._costs: dict[str, int] = {}  # key -> its cached messages' approximate size
+        self._cache_bytes = 0
         self._known: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiters: dict[str, int] = {}
 
     @classmethod
-    async def open(cls, workspace: Path, *, max_messages: int = 100, max_chars: int = 0) -> SessionStore:
+    async def open(
+        cls,
+        workspace: Path,
+        *,
+        max_messages: int = 100,
+        max_chars: int = 0,
+        cache_bytes: int = 64 * 1024 * 1024,
+    ) -> SessionStore:
         """Open (or create) the session database under ``workspace``."""
         backend = SqliteBackend(workspace / "sessions.db")
-        store = cls(backend, max_messages=max_messages, max_chars=max_chars)
+        store = cls(backend, max_messages=max_messages, max_chars=max_chars, cache_bytes=cache_bytes)
         store._known = await backend.keys()
         return store
+
+    @property
+    def cache_bytes(self) -> int:
+        """Approximate size of the histories held in memory (at most ``cache_bytes``)."""
+        return self._cache_bytes
 
     async def close(self) -> None:
         """Flush pending writes and close the backend."""
@@ -249,7 +278,7 @@ class SessionStore:
         if cached is None:
             cached = await self._backend.load(key, self._max) if key in self._known else []
             cached = trim_history(cached, self._max)
-            self._remember(key, cached)
+            self._remember(key, cached, _cost(cached))
         else:
             self._cache.move_to_end(key)
         return list(trim_history(cached, self._max, self._max_chars))
@@ -264,16 +293,29 @@ class SessionStore:
         cached = self._cache.get(key)
         if cached is not None:  # (if it was evicted meanwhile, the next turn reloads it)
             cached.extend(messages)
+            cost = self._costs[key] + _cost(messages)
             if len(cached) > self._max * 2:
-                self._cache[key] = trim_history(cached, self._max)
+                cached = trim_history(cached, self._max)
+                cost = _cost(cached)
+            self._remember(key, cached, cost)
         self._known.add(key)
         try:
             await asyncio.shield(self._backend.append(key, messages))
         except sqlite3.Error as exc:
-            self._cache.pop(key, None)
+            self._forget(key)
             raise NanobotError(f"could not save the conversation: {exc}") from exc
 
-    def _remember(self, key: str, messages: list[ChatMessage]) -> None:
+    def _remember(self, key: str, messages: list[ChatMessage], cost: int) -> None:
+        """Cache ``key`` as most recently used, then drop the least recently used over the bounds."""
+        self._forget(key)
+        if cost > self._cache_limit:
+            return  # bigger than the whole cache: read from disk each time instead
         self._cache[key] = messages
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._costs[key] = cost
+        self._cache_bytes += cost
+        while self._cache_bytes > self._cache_limit or len(self._cache) > self._cache_size:
+            self._forget(next(iter(self._cache)))
+
+    def _forget(self, key: str) -> None:
+        if self._cache.pop(key, None) is not None:
+            self._cache_bytes -= self._costs.pop(key)

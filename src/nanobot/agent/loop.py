@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 from nanobot.agent.tools import ToolContext, ToolRegistry
 from nanobot.bus import InboundKind, InboundMessage, MessageBus, OutboundKind, OutboundMessage, Usage
@@ -35,6 +36,14 @@ def user_message(msg: InboundMessage) -> tuple[ChatMessage, ChatMessage]:
     return {"role": "user", "content": parts}, stored
 
 
+class StreamPressure(Protocol):
+    """Back-pressure from whoever relays a turn's deltas to a reader (the ``api`` channel)."""
+
+    def wait_writable(self, request_id: str) -> Awaitable[None] | None:
+        """None when the reader of ``request_id`` keeps up; else an awaitable to wait on first."""
+        ...
+
+
 class AgentLoop:
     """Turns inbound messages into answers, one asyncio task per turn."""
 
@@ -47,6 +56,7 @@ class AgentLoop:
         defaults: AgentDefaults,
         *,
         turn_timeout: float,
+        pressure: StreamPressure | None = None,
     ) -> None:
         self._bus = bus
         self._provider = provider
@@ -56,6 +66,7 @@ class AgentLoop:
         self._turn_timeout = turn_timeout
         self._system: ChatMessage = {"role": "system", "content": defaults.system_prompt}
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._pressure = pressure
 
     async def run(self) -> None:
         """Take inbound messages until cancelled; on cancellation every running turn is cancelled too.
@@ -120,12 +131,15 @@ class AgentLoop:
         key = msg.session_key
         bus = self._bus
         on_delta = None
+        pressure = self._pressure
         if msg.stream:
 
-            def on_delta(piece: str) -> None:
+            def on_delta(piece: str) -> Awaitable[None] | None:
                 bus.publish_outbound(
                     OutboundMessage(msg.channel, msg.chat_id, piece, OutboundKind.DELTA, msg.request_id)
                 )
+                # a slow reader pauses the upstream read here (one lookup per delta otherwise)
+                return None if pressure is None else pressure.wait_writable(msg.request_id)
 
         async with self._sessions.lock(key):
             history = await self._sessions.history(key)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
 
-from nanobot.bus import InboundKind, InboundMessage, OutboundKind, OutboundMessage
+from nanobot.bus import InboundKind, InboundMessage, OutboundKind
+from nanobot.channels.api import Reply
+from nanobot.config import ApiConfig
 from nanobot.errors import NanobotError, PayloadTooLargeError, RequestError, UnsupportedMediaError
 from nanobot.gateway.errors import REQUEST_ID
 from nanobot.gateway.ids import new_id
@@ -18,6 +21,8 @@ from nanobot.gateway.requests import ChatRequest, FileInput, check_model, check_
 from nanobot.gateway.sse import DONE, KEEP_ALIVE, ChunkWriter, error_event
 from nanobot.gateway.state import STATE, GatewayState
 from nanobot.gateway.uploads import build_inbound
+
+log = logging.getLogger(__name__)
 
 _URLENCODED = "application/x-www-form-urlencoded"
 _JSON_TYPES = frozenset({"application/json", "", _URLENCODED, "text/plain"})
@@ -95,43 +100,47 @@ async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """Validate, hand the turn to the agent over the bus, and answer as JSON or SSE."""
     state = request.app[STATE]
-    chat = await _parse(request, state)
-    rid: str = request[REQUEST_ID]
-    # Replies are routed by our own id: a client may send the same x-request-id twice.
-    turn = new_id("turn_")
-    msg = await build_inbound(chat, turn, state.limits)
-    queue = state.api.open(turn)
-    state.bus.publish_inbound(msg)
-    finished = False
+    api = state.api
+    api.admit()  # before the body is read: 429 past api.maxConcurrentTurns, 503 when shutting down
     try:
-        if chat.stream:
-            resp, finished = await _stream(request, state, chat, queue, rid)
+        chat = await _parse(request, state)
+        rid: str = request[REQUEST_ID]
+        # Replies are routed by our own id: a client may send the same x-request-id twice.
+        turn = new_id("turn_")
+        msg = await build_inbound(chat, turn, state.limits)
+        reply = api.open(turn, chat.stream)
+        state.bus.publish_inbound(msg)
+        finished = False
+        try:
+            if chat.stream:
+                resp, finished = await _stream(request, state, chat, reply, rid)
+                return resp
+            resp = await _complete(state, reply)
+            finished = True
             return resp
-        resp = await _complete(state, queue)
-        finished = True
-        return resp
+        finally:
+            api.close(turn)
+            if not finished:  # client gone or failure: stop the turn and its upstream call
+                state.bus.publish_inbound(
+                    InboundMessage("api", msg.chat_id, request_id=turn, kind=InboundKind.CANCEL)
+                )
     finally:
-        state.api.close(turn)
-        if not finished:  # client gone or failure: stop the turn and its upstream call
-            state.bus.publish_inbound(
-                InboundMessage("api", msg.chat_id, request_id=turn, kind=InboundKind.CANCEL)
-            )
+        api.release()
 
 
 def _completion_id() -> str:
     return new_id("chatcmpl-")
 
 
-async def _complete(state: GatewayState, queue: asyncio.Queue[OutboundMessage]) -> web.Response:
-    said: list[str] = []
-    while True:
-        out = await queue.get()
-        if out.kind is OutboundKind.REPLY:
-            break
-        if out.kind is OutboundKind.ERROR:
-            raise out.error or NanobotError("the turn failed")
-        if out.kind is OutboundKind.MESSAGE:
-            said.append(out.content)
+async def _complete(state: GatewayState, reply: Reply) -> web.Response:
+    await reply.wait()
+    if reply.refused is not None:
+        raise reply.refused
+    out = reply.end
+    assert out is not None  # wait() returns on an end or a refusal
+    if out.kind is OutboundKind.ERROR:
+        raise out.error or NanobotError("the turn failed")
+    said = reply.pieces  # `message`-tool texts for this chat, said before the answer
     content = "\n\n".join([*said, out.content]) if said else out.content
     usage = (
         out.usage.as_dict() if out.usage else {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -155,94 +164,123 @@ async def _complete(state: GatewayState, queue: asyncio.Queue[OutboundMessage]) 
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-class _KeepAlive:
-    """Puts a keep-alive marker on the queue whenever the stream has been quiet for ``interval``."""
+class _Pacer:
+    """One timer per stream: asks for a keep-alive comment after ``interval`` of quiet, and cuts
+    the connection when one write has not completed for ``stall`` seconds (the reader stopped
+    reading: the socket buffers are full). Each write costs one clock read."""
 
-    __slots__ = ("_handle", "_interval", "_loop", "_queue", "last_write")
+    __slots__ = (
+        "_cut",
+        "_handle",
+        "_interval",
+        "_loop",
+        "_reply",
+        "_rid",
+        "_since",
+        "_stall",
+        "_transport",
+        "_writing",
+    )
 
-    def __init__(self, queue: asyncio.Queue[OutboundMessage], interval: float) -> None:
+    def __init__(self, request: web.Request, reply: Reply, api: ApiConfig, rid: str) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue = queue
-        self._interval = interval
-        self.last_write = self._loop.time()
-        self._handle = self._loop.call_later(interval, self._tick)
+        self._reply = reply
+        self._transport = request.transport
+        self._rid = rid
+        self._interval = api.keep_alive_seconds
+        self._stall = api.stream_stall_timeout
+        self._cut = False
+        now = self._loop.time()
+        self._since = now  # when the current write began (writing), or the last one did (quiet)
+        self._writing = False
+        self._handle = self._loop.call_at(now + min(self._interval, self._stall), self._tick)
 
     def _tick(self) -> None:
         now = self._loop.time()
-        due = self.last_write + self._interval
-        if now >= due - 0.001:
-            self._queue.put_nowait(_KEEPALIVE_MARK)
-            self.last_write = now
-            due = now + self._interval
+        if self._writing:
+            due = self._since + self._stall
+            if now >= due - 0.001:
+                self._cut_reader()
+                return
+        else:
+            if now >= self._since + self._interval - 0.001:
+                self._reply.ask_keepalive()
+                self._since = now
+            # a write may start at any moment: look again within `stall`
+            due = min(self._since + self._interval, now + self._stall)
         self._handle = self._loop.call_at(due, self._tick)
 
-    def wrote(self) -> None:
-        """Note that the stream just carried data."""
-        self.last_write = self._loop.time()
+    def _cut_reader(self) -> None:
+        log.warning(
+            "cut a stream reader that read nothing for %g s (api.streamStallTimeout); request %s",
+            self._stall,
+            self._rid,
+        )
+        self._cut = True
+        if self._transport is not None:
+            self._transport.abort()  # close() would wait for the unsent buffer forever
+
+    async def write(self, resp: web.StreamResponse, data: bytes, *, last: bool = False) -> None:
+        """Write ``data`` (and end the stream if ``last``); ConnectionResetError if the reader was cut."""
+        self._since = self._loop.time()
+        self._writing = True
+        await (resp.write_eof(data) if last else resp.write(data))
+        self._writing = False
+        if self._cut:
+            raise ConnectionResetError("the stream reader was cut")
 
     def cancel(self) -> None:
         """Stop the timer."""
         self._handle.cancel()
 
 
-_KEEPALIVE_MARK = OutboundMessage("", "", kind=OutboundKind.DELTA, reply_to="keep-alive")
-
-
 async def _stream(
     request: web.Request,
     state: GatewayState,
     chat: ChatRequest,
-    queue: asyncio.Queue[OutboundMessage],
+    reply: Reply,
     rid: str,
 ) -> tuple[web.StreamResponse, bool]:
-    """Relay the turn as SSE; returns the response and whether the stream reached its end."""
+    """Relay the turn as SSE; returns the response and whether the turn reached its end."""
     resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": rid})
     writer = ChunkWriter(_completion_id(), int(time.time()), state.model)
     await resp.prepare(request)
-    await resp.write(writer.role())
-    keepalive = _KeepAlive(queue, state.config.api.keep_alive_seconds)
+    pacer = _Pacer(request, reply, state.config.api, rid)
     try:
-        return resp, await _relay(resp, writer, chat, queue, keepalive)
-    except ConnectionResetError:  # the client went away: the caller cancels the turn
+        await pacer.write(resp, writer.role())
+        return resp, await _relay(resp, writer, chat, reply, pacer)
+    except ConnectionResetError:  # the client went away or was cut: the caller cancels the turn
         return resp, False
     finally:
-        keepalive.cancel()
+        pacer.cancel()
 
 
 async def _relay(
-    resp: web.StreamResponse,
-    writer: ChunkWriter,
-    chat: ChatRequest,
-    queue: asyncio.Queue[OutboundMessage],
-    keepalive: _KeepAlive,
+    resp: web.StreamResponse, writer: ChunkWriter, chat: ChatRequest, reply: Reply, pacer: _Pacer
 ) -> bool:
     while True:
-        out = await queue.get()
+        await reply.wait()
+        # Everything said since the last write goes out as one chunk: under load, or to a
+        # slow reader, consecutive deltas coalesce instead of queueing frame by frame.
         frames: list[bytes] = []
-        # Relay everything already queued in one write: fewer syscalls under load, same order.
-        while True:
-            kind = out.kind
-            if out is _KEEPALIVE_MARK:
-                frames.append(KEEP_ALIVE)
-            elif kind is OutboundKind.DELTA:
-                frames.append(writer.content(out.content))
-            elif kind is OutboundKind.MESSAGE:
-                frames.append(writer.content(out.content + "\n\n"))
-            elif kind is OutboundKind.REPLY:
+        if reply.pieces:
+            frames.append(writer.content("".join(reply.take())))
+        elif reply.keepalive_due:
+            frames.append(KEEP_ALIVE)
+        reply.keepalive_due = False
+        out = reply.end
+        if out is not None:
+            if out.kind is OutboundKind.REPLY:
                 frames.append(writer.finish(out.finish_reason or "stop"))
                 if chat.include_usage and out.usage is not None:
                     frames.append(writer.usage(out.usage))
                 frames.append(DONE)
-                await resp.write(b"".join(frames))
-                await resp.write_eof()
-                return True
-            elif kind is OutboundKind.ERROR:
+            else:
                 frames.append(error_event(out.error or NanobotError("the turn failed")))
-                await resp.write(b"".join(frames))
-                await resp.write_eof()
-                return True
-            if queue.empty():
-                break
-            out = queue.get_nowait()
-        await resp.write(b"".join(frames))
-        keepalive.wrote()
+            await pacer.write(resp, b"".join(frames), last=True)
+            return True
+        if reply.refused is not None:  # shutting down: say so, the caller cancels the turn
+            frames.append(error_event(reply.refused))
+            await pacer.write(resp, b"".join(frames), last=True)
+            return False
+        await pacer.write(resp, b"".join(frames))
