@@ -25,7 +25,7 @@ StartGateway = Callable[..., Awaitable[str]]
 FLOOD = ["x" * 1000] * 20_000
 
 
-def _chat_request(session: str, stream: bool, *, host: str = "127.0.0.1") -> bytes:
+def _chat_request(session: str, stream: bool, *, host: str) -> bytes:
     body = orjson.dumps(
         {"stream": stream, "session_id": session, "messages": [{"role": "user", "content": "go"}]}
     )
@@ -34,6 +34,12 @@ def _chat_request(session: str, stream: bool, *, host: str = "127.0.0.1") -> byt
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
+
+
+def _host_header(gateway: str) -> str:
+    """The Host a real client sends to the gateway (name and port: the server checks it)."""
+    host, port = _host_port(gateway)
+    return f"{host}:{port}"
 
 
 async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
@@ -111,7 +117,7 @@ async def _stalled_reader(gateway: str, session: str) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await loop.sock_connect(sock, _host_port(gateway))
-    await loop.sock_sendall(sock, _chat_request(session, stream=True))
+    await loop.sock_sendall(sock, _chat_request(session, stream=True, host=_host_header(gateway)))
     return sock
 
 
@@ -153,7 +159,7 @@ async def test_disconnected_slow_reader_cancels_its_turn(
     gateway = await start_gateway()
     fake_llm.push(Step(chunks=FLOOD))
     reader, writer = await asyncio.open_connection(*_host_port(gateway), limit=4096)
-    writer.write(_chat_request("hung-up", stream=True))
+    writer.write(_chat_request("hung-up", stream=True, host=_host_header(gateway)))
     got = 0
     while got < 1_000_000:  # a slow reader: 16 KiB at a time, then it gives up
         got += len(await reader.read(16384))
@@ -189,8 +195,8 @@ async def test_concurrent_turn_cap_answers_429(start_gateway: StartGateway, fake
         # a huge body is not waited for: the head alone gets the 429
         reader, writer = await asyncio.open_connection(*_host_port(gateway))
         writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 60000000\r\n\r\n{"
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {_host_header(gateway)}\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 60000000\r\n\r\n{"
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 429") and b"Retry-After: 1" in head
