@@ -57,7 +57,7 @@ def build_channel_manager(config: Config, bus: MessageBus, api: ApiChannel) -> C
     """Build the manager, its outbox (``<workspace>/outbox.db``) and every enabled channel."""
     candidates = [ch for make in CHANNEL_FACTORIES if (ch := make(config, bus)) is not None]
     store = OutboxStore(config.agents.defaults.workspace_path / "outbox.db")
-    return ChannelManager(bus, api, candidates, store, config.channels)
+    return ChannelManager(bus, api, candidates, store, config.channels, grace=config.api.shutdown_grace)
 
 
 def _resolve(msg: OutboundMessage | None, receipt: DeliveryReceipt) -> None:
@@ -75,6 +75,8 @@ class ChannelManager:
         channels: list[Channel],
         store: Outbox,
         config: ChannelsConfig,
+        *,
+        grace: float = 10.0,
     ) -> None:
         self._bus = bus
         self._api = api
@@ -95,6 +97,9 @@ class ChannelManager:
         self._reloaded: set[int] | None = None  # while a reload reads: ids queued meanwhile
         self._receipts: dict[int, OutboundMessage] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._lane_tasks: set[asyncio.Task[None]] = set()  # a subset of _tasks: what stop() lets finish
+        self._grace = grace  # how long stop() waits for sends under way
+        self._stopping = False
         self._committing = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -138,7 +143,13 @@ class ChannelManager:
         self._spawn(self._reload_on_request())
 
     async def stop(self) -> None:
-        """Stop delivering (unfinished work stays pending in the outbox), stop channels, close."""
+        """Stop delivering, stop channels, close the outbox.
+
+        A send already under way is let finish (within the grace) and its result recorded: one
+        cut short after the platform took it would be sent again after the restart. What is not
+        yet under way stays pending in the outbox.
+        """
+        await self._finish_sends()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -151,6 +162,19 @@ class ChannelManager:
             except ChannelError as exc:
                 log.warning("channel %s did not stop cleanly: %s", channel.name, exc)
         await self._store.close()
+
+    async def _finish_sends(self) -> None:
+        """Start no new attempt; wait (up to the grace) for the lanes' attempts under way."""
+        self._stopping = True
+        for waker in self._wakers.values():  # napping lanes wake, see the stop, and end
+            waker.set()
+        lanes = list(self._lane_tasks)
+        if not lanes:
+            return
+        _done, late = await asyncio.wait(lanes, timeout=self._grace)
+        if late:
+            log.warning("outbox: %d send(s) still under way after %.1fs: cut short, retried after restart",
+                        len(late), self._grace)  # fmt: skip
 
     def _durable(self) -> frozenset[str]:
         return frozenset(name for name, ch in self._channels.items() if ch.durable)
@@ -259,7 +283,12 @@ class ChannelManager:
             if not deliver:
                 _resolve(msg, SHUTTING_DOWN)
                 continue
-            if msg.receipt is not None:
+            ahead = len(self._lanes.get((entry.channel, entry.chat_id), ()))
+            if ahead:  # its first attempt waits for theirs (maybe retrying for long): say so now
+                plural = "s" if ahead > 1 else ""
+                why = f"behind {ahead} earlier message{plural} to this chat"
+                _resolve(msg, DeliveryReceipt("queued", why))
+            elif msg.receipt is not None:
                 self._receipts[entry.id] = msg
             self._enqueue(entry)
 
@@ -328,14 +357,16 @@ class ChannelManager:
             return
         self._lanes[key] = deque([entry])
         self._idle.clear()
-        self._spawn(self._drain(key))
+        task = self._spawn(self._drain(key))
+        self._lane_tasks.add(task)
+        task.add_done_callback(self._lane_tasks.discard)
 
     async def _drain(self, key: Lane) -> None:
         """Deliver one chat's entries in order; the lane ends when it is empty."""
         lane = self._lanes[key]
         channel = self._channels[key[0]]
         try:
-            while lane:
+            while lane and not self._stopping:
                 entry = lane[0]
                 if entry.id in self._gone:
                     log.info("outbox: message %d was dropped by hand; not sending it", entry.id)
