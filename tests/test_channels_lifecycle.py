@@ -70,21 +70,24 @@ def tool_context(bus: MessageBus) -> ToolContext:
 async def test_clean_stop_lets_an_accepted_send_finish(
     fake: AcceptsThenStalls, telegram_url: str, tmp_path: Path
 ) -> None:
-    """A send the platform took just before SIGTERM is recorded as delivered, not sent again after restart."""
+    """A send the platform took just before SIGTERM is recorded as delivered, not sent again after
+    restart; the next message in that chat waits for the restart instead of starting during shutdown."""
     config = make_config(tmp_path, telegram=telegram_url)
     fake.answer.clear()
     manager = build_channel_manager(config, MessageBus(), ApiChannel())
     await manager.start()
     manager.dispatch(OutboundMessage("telegram", "9", "exactly once"))
+    manager.dispatch(OutboundMessage("telegram", "9", "after the restart"))
     await fake.until(lambda: len(fake.sent) == 1)  # the platform has it; its answer is still on the way
     stopping = asyncio.create_task(manager.stop())
     await asyncio.sleep(0)  # one turn of the loop: stop() has begun (no sleeping for work here)
     fake.answer.set()
     await stopping
-    assert entries(config) == [(1, State.DELIVERED, "exactly once")]
+    assert entries(config) == [(1, State.DELIVERED, "exactly once"), (2, State.PENDING, "after the restart")]
+    assert fake.texts("9") == ["exactly once"]
     async with running(config) as manager:
         await manager.wait_idle()
-    assert fake.texts("9") == ["exactly once"]
+    assert fake.texts("9") == ["exactly once", "after the restart"]
 
 
 async def test_message_to_a_blocked_chat_is_answered_at_once(
