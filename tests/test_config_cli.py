@@ -251,3 +251,15 @@ def test_cli_serve_help_has_a_description_and_short_options() -> None:
     assert "OpenAI-compatible HTTP API" in out
     for short, long in (("-H", "--host"), ("-p", "--port"), ("-t", "--timeout"), ("-c", "--config")):
         assert f"{short} {long.upper()[2:]}, {long} {long.upper()[2:]}" in out, out
+
+
+def test_cli_outbox_on_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    """`nanobot outbox list` on a garbage outbox.db is one line naming it and exit 2, not a traceback."""
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "outbox.db").write_text("garbage\n" * 100)
+    path = tmp_path / "config.json"
+    path.write_bytes(orjson.dumps({"agents": {"defaults": {"workspace": str(tmp_path / "ws")}}}))
+    code, _, err = run_cli_out("outbox", "list", "-c", str(path))
+    assert code == 2
+    outbox = tmp_path / "ws" / "outbox.db"
+    assert err.strip() == f"nanobot: cannot use the outbox {outbox}: file is not a database"
