@@ -192,7 +192,8 @@ def test_start_up_says_what_it_runs_without_the_key(tmp_path: Path, servers: lis
     """The log names the config, provider, API base, model and workspace; the key never appears."""
     workspace = tmp_path / "ws"
     secret = "sk-very-secret-provider-key"
-    config = write_config(tmp_path, workspace, apiKey=secret)
+    base = "http://user:pw-secret@127.0.0.1:9/v1?key=query-secret"  # credentials in the URL stay out too
+    config = write_config(tmp_path, workspace, apiKey=secret, apiBase=base)
     server = Server(config, tmp_path / "serve.log")
     servers.append(server)
     server.wait_for("workspace:")
@@ -202,7 +203,8 @@ def test_start_up_says_what_it_runs_without_the_key(tmp_path: Path, servers: lis
     assert "provider: up at http://127.0.0.1:9/v1, model gpt-4o-mini" in text
     assert f"workspace: {workspace}" in text
     assert "WARNING" not in text
-    assert secret not in text
+    for hidden in (secret, "pw-secret", "query-secret"):
+        assert hidden not in text
 
 
 def test_start_up_warns_when_the_provider_key_is_empty(tmp_path: Path, servers: list[Server]) -> None:
