@@ -158,6 +158,9 @@ class SqliteBackend:
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             results = [(fut, None, exc) for fut, _, _ in results]
+            if db.in_transaction:  # (a failed COMMIT may leave it open: the next BEGIN would fail too)
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
         if results:
             self._loop.call_soon_threadsafe(_settle, results)
         return stop
