@@ -162,7 +162,7 @@ async def test_hostile_session_ids_are_just_keys(
         assert await ask(client, "again", sid) == "echo: again"
         assert [m["content"] for m in fake_llm.requests[-1]["messages"][1:]] == ["hi", "echo: hi", "again"]
     workspace = make_config().agents.defaults.workspace_path
-    assert all(p.is_file() and ".db" in p.name for p in workspace.iterdir())
+    assert all(p.is_file() and (".db" in p.name or p.name == "nanobot.lock") for p in workspace.iterdir())
     assert [p.name for p in workspace.parent.iterdir()] == ["ws"]
 
 

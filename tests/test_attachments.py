@@ -6,11 +6,13 @@ import asyncio
 import base64
 import codecs
 import io
+import multiprocessing
 import os
 import re
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pptx
 import pytest
@@ -34,6 +36,7 @@ from nanobot.errors import (
 
 import samples
 
+T = TypeVar("T")
 LIMITS = AttachmentLimits()
 DOCX_MIME = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 
@@ -376,16 +379,42 @@ async def test_extraction_does_not_block_the_event_loop() -> None:
     assert ticks > 100
 
 
-async def test_cancelled_extraction_frees_its_worker() -> None:
-    """Cancelling a request mid-extraction kills its worker, and later files are still extracted."""
+def _cpu_ticks(pid: int) -> int | None:
+    """CPU time a process has used (clock ticks), or None once it is gone (or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" else int(fields[11]) + int(fields[12])
+
+
+async def _until(predicate: Callable[[], T], within: float = 20.0) -> T:
+    """Poll ``predicate`` until it returns something truthy, with a deadline."""
+    async with asyncio.timeout(within):
+        # Another process's state: there is no event to wait on, so poll it.
+        while not (found := predicate()):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker CPU time from /proc")
+async def test_cancelled_extraction_kills_its_worker() -> None:
+    """Cancelling a request mid-extraction kills the worker parsing it, and later files still work."""
     limits = AttachmentLimits(max_extracted_chars=10**9)
     await prepare_file("warm.docx", samples.make_docx(["warm"]), LIMITS)
+    workers = [p.pid for p in multiprocessing.active_children() if p.name == "nanobot-extractor"]
+    idle = {pid: _cpu_ticks(pid) for pid in workers}
     task = asyncio.create_task(prepare_file("huge.docx", _large_docx(), limits))
-    for _ in range(3):  # let it reach the worker pool
-        await asyncio.sleep(0)
+
+    def parsing() -> int | None:  # the worker whose CPU time moves is the one parsing
+        return next((pid for pid in workers if (_cpu_ticks(pid) or 0) > (idle[pid] or 0)), None)
+
+    busy = await _until(parsing)
+    assert busy is not None
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    await _until(lambda: _cpu_ticks(busy) is None)  # killed, not left to finish the parse
     f = await prepare_file("next.docx", samples.make_docx(["next"]), LIMITS)
     assert f.text == "next\n"
 

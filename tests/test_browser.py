@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -215,7 +216,7 @@ async def test_wildcard_bind_answers_the_address_it_was_reached_on(start_gateway
         assert status == want, host
 
 
-async def test_allowed_hosts_add_names(start_gateway: StartGateway) -> None:
+async def test_allowed_hosts_add_names(start_gateway: StartGateway, tmp_path: Path) -> None:
     """api.allowedHosts: a bare name is answered on any port, name:port only on that port, * on all."""
     url = await start_gateway({"api": {"allowedHosts": ["API.example.com", "tunnel.example:8443", "::2"]}})
     for host, want in (
@@ -228,7 +229,9 @@ async def test_allowed_hosts_add_names(start_gateway: StartGateway) -> None:
     ):
         status, _, _ = await call("GET", url + "/v1/models", headers={"Host": host})
         assert status == want, host
-    url = await start_gateway({"api": {"allowedHosts": ["*"]}})
+    # a second server needs its own workspace (one server per workspace)
+    second = {"api": {"allowedHosts": ["*"]}, "agents": {"defaults": {"workspace": str(tmp_path / "ws2")}}}
+    url = await start_gateway(second)
     status, _, _ = await call("GET", url + "/v1/models", headers={"Host": "anything.example"})
     assert status == 200
 

@@ -92,3 +92,39 @@ def test_render_escapes_html_and_leaves_plain_symbols() -> None:
 def test_rendered_markup_is_valid_telegram_html(md: str) -> None:
     """Common chat Markdown renders to HTML that Telegram's parser accepts."""
     telegram_visible_text(markdown_to_telegram_html(md))
+
+
+def test_link_url_with_parentheses_is_kept_whole() -> None:
+    """A Wikipedia-style URL with `(...)` links to the whole address, not up to the first `)`."""
+    html = markdown_to_telegram_html("see [wiki](https://en.wikipedia.org/wiki/Foo_(bar)) now")
+    assert html == 'see <a href="https://en.wikipedia.org/wiki/Foo_(bar)">wiki</a> now'
+    assert telegram_visible_text(html) == "see wiki now"
+
+
+@pytest.mark.parametrize(
+    "md",
+    [
+        "__init__",
+        "override __init__ and __repr__",
+        "call obj.__init__() from __main__.py",
+        "foo__bar__baz",
+        "a snake_case_name and _private",
+    ],
+)
+def test_dunder_names_and_intraword_underscores_stay_literal(md: str) -> None:
+    """`__init__` is shown as written, not as a bold "init"; underscores inside words are text."""
+    assert markdown_to_telegram_html(md) == md
+
+
+def test_underscore_emphasis_at_word_boundaries_still_renders() -> None:
+    """`__two words__` is bold and `_word_` italic when they stand at word boundaries."""
+    html = markdown_to_telegram_html("__very important__ and _this_")
+    assert html == "<b>very important</b> and <i>this</i>"
+
+
+def test_blockquotes_become_telegram_blockquotes() -> None:
+    """`> lines` render as one <blockquote> (they used to be dropped to plain `>` text), formatting kept."""
+    md = "He said:\n> first **line**\n> second\n>> nested\nAnd then."
+    html = markdown_to_telegram_html(md)
+    assert html == "He said:\n<blockquote>first <b>line</b>\nsecond\nnested</blockquote>\nAnd then."
+    assert telegram_visible_text(html) == "He said:\nfirst line\nsecond\nnested\nAnd then."

@@ -219,3 +219,47 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
     config = load_config(Path(__file__).parent.parent / "config.example.json")
     assert config.api.port == 8900 and config.warnings == ()
+
+
+def run_cli_out(*args: str) -> tuple[int, str, str]:
+    """Run `nanobot ARGS`; exit code, stdout, stderr."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "nanobot", *args], capture_output=True, text=True, timeout=20, check=False
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_cli_outbox_options_after_the_subcommand(tmp_path: Path) -> None:
+    """`nanobot outbox list -c cfg` reads that config's outbox (the -c used to be swallowed as an action)."""
+    path = tmp_path / "config.json"
+    path.write_bytes(orjson.dumps({"agents": {"defaults": {"workspace": str(tmp_path / "ws")}}}))
+    for argv in (["outbox", "list", "-c", str(path)], ["outbox", "-c", str(path), "list", "--all"],
+                 ["outbox", "list", "--all", "--config", str(path)]):  # fmt: skip
+        assert run_cli_out(*argv)[:2] == (0, "the outbox is empty\n"), argv
+    code, out, _ = run_cli_out("outbox", "retry", "7", "-c", str(path))
+    assert (code, out) == (1, "no outbox message 7\n")
+    code, _, err = run_cli_out("outbox", "drop", "x", "-c", str(path))
+    assert code == 2 and "invalid int value" in err
+
+
+def test_cli_serve_help_has_a_description_and_short_options() -> None:
+    """`nanobot serve --help` says what serve does and offers -H, -p and -t."""
+    code, out, _ = run_cli_out("serve", "--help")
+    assert code == 0
+    assert "OpenAI-compatible HTTP API" in out
+    for short, long in (("-H", "--host"), ("-p", "--port"), ("-t", "--timeout"), ("-c", "--config")):
+        assert f"{short} {long.upper()[2:]}, {long} {long.upper()[2:]}" in out, out
+
+
+def test_cli_outbox_on_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    """`nanobot outbox list` on a garbage outbox.db is one line naming it and exit 2, not a traceback."""
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "outbox.db").write_text("garbage\n" * 100)
+    path = tmp_path / "config.json"
+    path.write_bytes(orjson.dumps({"agents": {"defaults": {"workspace": str(tmp_path / "ws")}}}))
+    code, _, err = run_cli_out("outbox", "list", "-c", str(path))
+    assert code == 2
+    outbox = tmp_path / "ws" / "outbox.db"
+    assert err.strip() == f"nanobot: cannot use the outbox {outbox}: file is not a database"

@@ -264,19 +264,17 @@ async def test_every_stream_chunk_has_exactly_the_openai_keys(gateway: str, fake
     events = await post_stream(gateway, body)
     assert events[-1] == "[DONE]"
     chunks = [orjson.loads(e) for e in events[:-1]]
-    assert len(chunks) == 5  # role, "a", "b", finish, usage
+    assert len(chunks) >= 4  # role, the text (deltas may be coalesced), finish, usage
     for chunk in chunks[:-1]:
         assert set(chunk) == CHUNK_KEYS, chunk
         assert chunk["system_fingerprint"] is None and chunk["object"] == "chat.completion.chunk"
         (choice,) = chunk["choices"]
         assert set(choice) == CHOICE_KEYS and choice["logprobs"] is None, choice
     assert set(chunks[-1]) == CHUNK_KEYS | {"usage"} and chunks[-1]["choices"] == []
-    assert [c["choices"][0]["delta"] for c in chunks[:-1]] == [
-        {"role": "assistant", "content": ""},
-        {"content": "a"},
-        {"content": "b"},
-        {},
-    ]
+    deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
+    assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
+    assert all(set(d) == {"content"} for d in deltas[1:-1])
+    assert "".join(d["content"] for d in deltas[1:-1]) == "ab"
 
 
 @pytest.mark.parametrize("reason", ["length", "content_filter", "stop"])

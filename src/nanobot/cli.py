@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from nanobot import __version__
-from nanobot.config import Config, load_config, with_overrides
-from nanobot.errors import ConfigError, NanobotError
+from nanobot.config import DEFAULT_CONFIG_PATH, Config, load_config, with_overrides
+from nanobot.errors import ConfigError, NanobotError, StorageError
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = 2  # a bad config, or an unusable workspace: fix it before trying again
 
 
 def _is_loopback(host: str) -> bool:
@@ -34,19 +36,42 @@ def check_bind(config: Config) -> None:
         )
 
 
+_CONFIG_HELP = "config file (default: ~/.nanobot/config.json)"
+SERVE_DESCRIPTION = (
+    "Run the OpenAI-compatible HTTP API (POST /v1/chat/completions, GET /v1/models, GET /health) "
+    "and the enabled chat channels until SIGINT or SIGTERM. Options override the config file."
+)
+
+
+def _with_config(parser: argparse.ArgumentParser, default: object = None) -> argparse.ArgumentParser:
+    """Accept ``-c/--config`` on ``parser`` (so it may come before or after a subcommand)."""
+    parser.add_argument("-c", "--config", default=default, help=_CONFIG_HELP)
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanobot", description="nanobot: an AI agent behind an OpenAI API.")
     parser.add_argument("--version", action="version", version=f"nanobot {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible gateway and the enabled channels")
-    serve.add_argument("-c", "--config", help="config file (default: ~/.nanobot/config.json)")
-    serve.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default from config: 8900)")
-    serve.add_argument("--timeout", type=float, help="seconds per request (default from config: 120)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = _with_config(sub.add_parser("serve", help="run the gateway and the enabled channels",
+                                        description=SERVE_DESCRIPTION))  # fmt: skip
+    serve.add_argument("-H", "--host", help="address to bind (default from config: 127.0.0.1)")
+    serve.add_argument("-p", "--port", type=int, help="port to bind (default from config: 8900)")
+    serve.add_argument("-t", "--timeout", type=float, help="seconds per request (default from config: 120)")
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    outbox = sub.add_parser("outbox", help="show and act on the durable channel outbox")
-    outbox.add_argument("-c", "--config", help="config file (default: ~/.nanobot/config.json)")
-    outbox.add_argument("action", nargs=argparse.REMAINDER, help="list | retry ID | drop ID")
+    outbox = _with_config(sub.add_parser(
+        "outbox", help="show and act on the durable channel outbox",
+        description="Look into the durable outbox of chat messages, and retry or drop one by hand. "
+        "Works while nanobot serve runs: it is told at once.",
+    ))  # fmt: skip
+    actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    # SUPPRESS: an -c given before the action is not overwritten by the action's default.
+    listing = _with_config(actions.add_parser("list", help="messages not yet delivered"), argparse.SUPPRESS)
+    listing.add_argument("--all", action="store_true", help="the delivered ones too")
+    for name, what in (("retry", "make a message pending again, with fresh attempts"),
+                       ("drop", "delete a message; it is never sent")):  # fmt: skip
+        action = _with_config(actions.add_parser(name, help=what), argparse.SUPPRESS)
+        action.add_argument("id", type=int, metavar="ID", help="the message's id, as `outbox list` shows")
     return parser
 
 
@@ -55,6 +80,14 @@ def _load(path: str | None) -> Config:
     for warning in config.warnings:
         print(f"nanobot: warning: {warning}", file=sys.stderr)
     return config
+
+
+def _source(path: str | None) -> str:
+    """Where the config comes from, for the start-up log: a path, or "" for the built-in defaults."""
+    if path is not None:
+        return str(Path(path).expanduser())
+    default = DEFAULT_CONFIG_PATH.expanduser()
+    return str(default) if default.exists() else ""
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -67,26 +100,18 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     install_uvloop()
-    try:
-        asyncio.run(serve(config))
-    except OSError as exc:
-        print(
-            f"nanobot: cannot listen on {config.api.host}:{config.api.port}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
-        return 1
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config, source=_source(args.config)))
     return 0
 
 
 def _outbox(args: argparse.Namespace) -> int:
-    try:
-        from nanobot.channels.outbox_cli import outbox_command
-    except ImportError:
-        print("nanobot: the outbox is not available in this build", file=sys.stderr)
-        return 1
-    return outbox_command(_load(args.config), list(args.action))
+    from nanobot.channels.outbox_cli import outbox_command
+
+    argv = [args.action] + (["--all"] if getattr(args, "all", False) else [])
+    if args.action in ("retry", "drop"):
+        argv.append(str(args.id))
+    return outbox_command(_load(args.config), argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,11 +121,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         return _outbox(args)
-    except ConfigError as exc:
+    except (ConfigError, StorageError) as exc:
         print(f"nanobot: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     except NanobotError as exc:
         print(f"nanobot: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # not one we foresaw; still one line
+        print(f"nanobot: {exc}", file=sys.stderr)
         return 1
 
 

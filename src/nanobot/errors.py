@@ -6,6 +6,7 @@ error bodies in one middleware; the CLI maps them to one line and an exit code.
 
     NanobotError                    base; ``status``, ``type``, ``code``, ``param``
     ├── ConfigError                 a bad config file or value (CLI exit 2)
+    ├── StorageError                the workspace or a database in it is unusable (CLI exit 2)
     ├── RequestError                the client's request is malformed (400)
     │   ├── AuthenticationError     missing or wrong API key (401)
     │   ├── NotFoundError           unknown route (404)
@@ -53,6 +54,13 @@ class ConfigError(NanobotError):
 
     status = 500
     code = "config_error"
+
+
+class StorageError(NanobotError):
+    """The workspace, or a database in it, cannot be opened, locked, read or written."""
+
+    status = 500
+    code = "storage_error"
 
 
 class RequestError(NanobotError):

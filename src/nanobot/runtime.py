@@ -18,11 +18,13 @@ from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
 from nanobot.channels.lifecycle import reload_on_signal
 from nanobot.channels.manager import ChannelManager, build_channel_manager
-from nanobot.config import Config
+from nanobot.config import Config, describe_provider
+from nanobot.errors import NanobotError
 from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.sessions import SessionStore
+from nanobot.workspace import WorkspaceLock
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,14 @@ def build_app(config: Config) -> web.Application:
     api = ApiChannel(max_turns=config.api.max_concurrent_turns)
     app = create_app(config, bus, api)
     app[CHANNELS] = manager = build_channel_manager(config, bus, api)
+
+    async def workspace(_app: web.Application) -> AsyncIterator[None]:
+        # First: nothing else may touch the workspace unless it is ours alone.
+        lock = WorkspaceLock.acquire(config.agents.defaults.workspace_path)
+        try:
+            yield
+        finally:
+            lock.release()
 
     async def runtime(_app: web.Application) -> AsyncIterator[None]:
         defaults = config.agents.defaults
@@ -66,6 +76,7 @@ def build_app(config: Config) -> web.Application:
             await sessions.close()
             await shutdown_extractors()
 
+    app.cleanup_ctx.append(workspace)
     app.cleanup_ctx.append(runtime)
     return app
 
@@ -78,25 +89,45 @@ def install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Run the gateway until SIGINT/SIGTERM (or cancellation), then shut down in order."""
+def describe(config: Config, source: str) -> None:
+    """Log what this server runs: config, provider, API base (no secrets), model, workspace."""
+    provider = describe_provider(config)
+    log.info("config: %s", source or "built-in defaults (no config file)")
+    log.info("provider: %s at %s, model %s", provider.name, provider.api_base, config.model)
+    log.info("workspace: %s", config.agents.defaults.workspace_path)
+    if provider.key_missing:
+        log.warning("provider %s has no apiKey: an upstream that needs one refuses every request "
+                    "(set providers.%s.apiKey)", provider.name, provider.name)  # fmt: skip
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None, source: str = "") -> None:
+    """Run the gateway until SIGINT/SIGTERM (or cancellation), then shut down in order.
+
+    ``source`` is where the config came from (a path; empty: the built-in defaults).
+    """
     app = build_app(config)
     runner = make_runner(app, config.api)
-    await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     try:
+        # Inside the try: a start-up that fails half-way still unwinds what it started.
+        await runner.setup()
         site = web.TCPSite(runner, config.api.host, config.api.port, backlog=1024, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # the port is taken, or the address is not ours
+            where = f"{config.api.host}:{config.api.port}"
+            raise NanobotError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         log.info(
             "nanobot gateway listening on http://%s:%d (model %s)",
             config.api.host,
             config.api.port,
             config.model,
         )
+        describe(config, source)
         # Everything built so far lives for the whole process: keep it out of the collector's
         # generations, so full collections stay short under load (fewer p99 pauses).
         gc.collect()

@@ -22,7 +22,8 @@ from typing import Any, Protocol, cast
 
 import orjson
 
-from nanobot.errors import NanobotError
+from nanobot.errors import NanobotError, StorageError
+from nanobot.workspace import prepare as prepare_workspace
 
 ChatMessage = dict[str, Any]  # one message in OpenAI chat format (JSON-shaped by nature)
 
@@ -70,21 +71,22 @@ class SqliteBackend:
     """SQLite in WAL mode, driven by one dedicated thread that batches commits."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_workspace(path.parent)
         self._path = path
         self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._loop = asyncio.get_running_loop()
+        self._broken: StorageError | None = None  # set (on the loop) when the file cannot be opened
         self._thread = threading.Thread(target=self._run, name="nanobot-sessions-db", daemon=True)
-        self._ready = threading.Event()
         self._thread.start()
 
     # -- the database thread
     def _run(self) -> None:
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        self._ready.set()
+        try:
+            db = self._connect()
+        except sqlite3.Error as exc:
+            # Every job fails with the reason, so an awaiting caller never hangs on a dead thread.
+            self._refuse_all(self._storage_error("cannot open", exc))
+            return
         jobs = self._jobs
         try:
             while True:
@@ -97,10 +99,52 @@ class SqliteBackend:
         finally:
             db.close()
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # the first read: "file is not a database" is raised here
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
+
+    def _storage_error(self, doing: str, exc: sqlite3.Error) -> StorageError:
+        return StorageError(f"{doing} the session database {self._path}: {exc}")
+
+    def _refuse_all(self, error: StorageError) -> None:
+        """The database could not be opened: from now on every job fails with ``error``.
+
+        Decided on the loop thread, where jobs are submitted: whatever is queued by then is
+        failed there, and every later job at once, so no caller waits on a thread that is gone.
+        """
+
+        def refuse() -> None:
+            self._broken = error
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._fail([self._jobs.get_nowait()], error)
+
+        self._loop.call_soon_threadsafe(refuse)
+
+    def _fail(self, batch: list[object], error: BaseException) -> None:
+        jobs = [cast(tuple[_Job, asyncio.Future[object]], item) for item in batch if item is not _STOP]
+        results: list[tuple[asyncio.Future[object], object, BaseException | None]]
+        results = [(fut, None, error) for _job, fut in jobs]
+        if threading.current_thread() is self._thread:
+            self._loop.call_soon_threadsafe(_settle, results)
+        else:
+            _settle(results)
+
     def _run_batch(self, db: sqlite3.Connection, batch: list[object]) -> bool:
         results: list[tuple[asyncio.Future[object], object, BaseException | None]] = []
         stop = False
-        db.execute("BEGIN")
+        try:
+            db.execute("BEGIN")
+        except sqlite3.Error as exc:  # (a disk error): every job in the batch learns it
+            self._fail(batch, exc)
+            return _STOP in batch
         for item in batch:
             if item is _STOP:
                 stop = True
@@ -114,13 +158,19 @@ class SqliteBackend:
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             results = [(fut, None, exc) for fut, _, _ in results]
+            if db.in_transaction:  # (a failed COMMIT may leave it open: the next BEGIN would fail too)
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
         if results:
             self._loop.call_soon_threadsafe(_settle, results)
         return stop
 
     def _submit(self, job: _Job) -> asyncio.Future[object]:
         fut: asyncio.Future[object] = self._loop.create_future()
-        self._jobs.put((job, fut))
+        if self._broken is not None:
+            fut.set_exception(self._broken)
+        else:
+            self._jobs.put((job, fut))
         return fut
 
     async def _call(self, job: _Job) -> Any:
@@ -128,10 +178,13 @@ class SqliteBackend:
 
     # -- the interface
     async def keys(self) -> set[str]:
-        """Every session key that has history."""
-        rows: list[tuple[str]] = await self._call(
-            lambda db: db.execute("SELECT DISTINCT session FROM turns").fetchall()
-        )
+        """Every session key that has history (read at start: a damaged file fails here, named)."""
+        try:
+            rows: list[tuple[str]] = await self._call(
+                lambda db: db.execute("SELECT DISTINCT session FROM turns").fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise self._storage_error("cannot read", exc) from None
         return {r[0] for r in rows}
 
     async def load(self, key: str, limit: int) -> list[ChatMessage]:

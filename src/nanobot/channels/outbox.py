@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 
 import orjson
 
-from nanobot.errors import ConfigError
+from nanobot.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +252,10 @@ class OutboxStore:
         self._loop = asyncio.get_running_loop()
         try:
             conn = await asyncio.to_thread(connect, self.path)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(
-                f"agents.defaults.workspace: cannot open the outbox {self.path}: {exc}"
-            ) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot open the outbox {self.path}: {exc.strerror or exc}") from None
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the outbox {self.path}: {exc}") from None
         self._thread = threading.Thread(target=self._work, args=(conn,), name="nanobot-outbox", daemon=True)
         self._thread.start()
 
@@ -292,8 +292,11 @@ class OutboxStore:
         return fut
 
     async def recover(self, enabled: frozenset[str], held_max_age: float) -> list[OutboxEntry]:
-        """See :func:`recover`."""
-        return await self.submit(lambda conn: recover(conn, enabled, held_max_age, time.time()))
+        """See :func:`recover` (a damaged file fails here, at start: named, as a StorageError)."""
+        try:
+            return await self.submit(lambda conn: recover(conn, enabled, held_max_age, time.time()))
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the outbox {self.path}: {exc}") from None
 
     def _work(self, conn: sqlite3.Connection) -> None:
         try:

@@ -19,6 +19,7 @@ from typing import TextIO
 from nanobot.channels.lifecycle import notify_server
 from nanobot.channels.outbox import OutboxEntry, State, connect, select
 from nanobot.config import Config
+from nanobot.errors import StorageError
 
 USAGE = "usage: nanobot outbox list [--all] | retry ID | drop ID"
 _PREVIEW = 40
@@ -26,9 +27,18 @@ _ROW = "{:>6}  {:<9}  {:<9}  {:<14}  {:>5}  {:>6}  {}"
 
 
 def outbox_command(config: Config, argv: list[str], out: TextIO | None = None) -> int:
-    """Run one outbox subcommand; exit code 0 ok, 1 not found, 2 usage."""
+    """Run one outbox subcommand; exit code 0 ok, 1 not found, 2 usage (an unusable file: StorageError)."""
     stream = out if out is not None else sys.stdout
     path = config.agents.defaults.workspace_path / "outbox.db"
+    try:
+        return _run(path, argv, stream, out is None)
+    except sqlite3.Error as exc:  # not a database, damaged, locked past the busy timeout
+        raise StorageError(f"cannot use the outbox {path}: {exc}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot use the outbox {path}: {exc.strerror or exc}") from None
+
+
+def _run(path: Path, argv: list[str], stream: TextIO, usage_to_stderr: bool) -> int:
     match argv:
         case ["list"] | ["list", "--all"]:
             return _list(path, stream, everything=len(argv) == 2)
@@ -37,7 +47,7 @@ def outbox_command(config: Config, argv: list[str], out: TextIO | None = None) -
         case ["drop", ident] if ident.isdigit():
             return _change(path, int(ident), stream, retry=False)
         case _:
-            print(USAGE, file=sys.stderr if out is None else stream)
+            print(USAGE, file=sys.stderr if usage_to_stderr else stream)
             return 2
 
 

@@ -5,7 +5,7 @@ code fence open across a cut: the fence is closed at the end of one part and reo
 (with its language) at the start of the next, so every part renders on its own.
 
 ``markdown_to_telegram_html`` renders the Markdown subset chat models write (bold, italic,
-strikethrough, inline code, fenced code, links, headings, bullets) into the HTML that
+strikethrough, inline code, fenced code, links, headings, bullets, blockquotes) into the HTML that
 Telegram's ``parse_mode: HTML`` accepts, escaping everything else. It is not a full
 CommonMark parser: on odd input Telegram may reject the markup, and the caller falls back
 to plain text.
@@ -138,12 +138,16 @@ def _fit(line: str, room: int, measure: Measure) -> int:
 # --------------------------------------------------------------------------- Telegram HTML
 
 _CODE_RE = re.compile(r"`([^`\n]+)`")
-_LINK_RE = re.compile(r"\[([^\]\n]+)\]\((https?://[^\s)]+)\)")
-_BOLD_RE = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")
+# A URL may hold balanced parentheses (CommonMark): .../wiki/Foo_(bar) is one link.
+_LINK_RE = re.compile(r"\[([^\]\n]+)\]\((https?://(?:[^\s()]|\([^\s()]*\))+)\)")
+# Underscores only count at word boundaries (CommonMark's flanking rules for ``_``): never
+# inside a word (foo__bar__baz), and ``__name__`` (one identifier: a Python dunder) stays literal.
+_BOLD_RE = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|(?<!\w)__(?!\w+__(?!\w))(?=\S)(.+?)(?<=\S)__(?!\w)")
 _ITALIC_RE = re.compile(
     r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])"  # *italic*, not 2 * 3 * 4
-    r"|(?<!\w)_(?=\S)(.+?)(?<=\S)_(?!\w)"  # _italic_, not snake_case_names
+    r"|(?<!\w)_(?=[^\s_])(.+?)(?<=[^\s_])_(?!\w)"  # _italic_, not snake_case_names nor __dunder__
 )
+_QUOTE_RE = re.compile(r"^\s{0,3}(?:>\s?)+")  # nested quotes flatten: Telegram has one level
 _STRIKE_RE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
 _HEADING_RE = re.compile(r"^#{1,6}\s+(.+?)\s*#*$")
 _BULLET_RE = re.compile(r"^(\s*)[-*+]\s+")
@@ -154,6 +158,7 @@ def markdown_to_telegram_html(text: str) -> str:
     """Render chat-style Markdown as Telegram HTML (``parse_mode: HTML``)."""
     out: list[str] = []
     code: list[str] = []
+    quote: list[str] = []  # rendered lines of the blockquote being read
     fence_lang: str | None = None
     closer = ""
     for line in text.split("\n"):
@@ -164,14 +169,27 @@ def markdown_to_telegram_html(text: str) -> str:
             else:
                 code.append(line)
             continue
+        quoted = _QUOTE_RE.match(line)
+        if quoted:
+            quote.append(_render_line(line[quoted.end() :]))
+            continue
+        if quote:
+            out.append(_blockquote(quote))
+            quote = []
         fence = _FENCE_RE.match(line)
         if fence:
             fence_lang, closer = fence.group(2), fence.group(1)
             continue
         out.append(_render_line(line))
+    if quote:
+        out.append(_blockquote(quote))
     if fence_lang is not None:  # an unclosed fence runs to the end
         out.append(_pre(code, fence_lang))
     return "\n".join(out)
+
+
+def _blockquote(lines: list[str]) -> str:
+    return "<blockquote>" + "\n".join(lines) + "</blockquote>"
 
 
 def _pre(code: list[str], lang: str) -> str:
