@@ -100,7 +100,8 @@ async def test_message_to_a_blocked_chat_is_answered_at_once(
     ctx = tool_context(bus)
     async with running(make_config(tmp_path, telegram=telegram_url), bus):
         first = await tool.execute({"content": "one", "channel": "telegram", "chat_id": "9"}, ctx)
-        assert first.startswith("queued: will retry: telegram sendMessage: Too Many Requests")
+        assert first.startswith("queued: will retry in ")
+        assert "s: telegram sendMessage: Too Many Requests" in first
         second = await tool.execute({"content": "two", "channel": "telegram", "chat_id": "9"}, ctx)
         assert second == "queued: behind 1 earlier message to this chat"
         third = await tool.execute({"content": "three", "channel": "telegram", "chat_id": "9"}, ctx)

@@ -197,13 +197,15 @@ class Lanes:
         if entry.attempts >= self._policy.max_attempts:
             return self._settle(entry, State.FAILED, f"gave up after {entry.attempts} attempts: {error}")
         now = time.time()
-        entry.next_at = now + self._policy.delay(entry.attempts, retry_after)
+        delay = self._policy.delay(entry.attempts, retry_after)
+        entry.next_at = now + delay
         entry.updated_at = now
         entry.last_error = error
         self._store.save_soon(entry)
         log.info("outbox: message %d to %s will retry in %.2fs: %s", entry.id, entry.channel,
-                 entry.next_at - now, error)  # fmt: skip
-        resolve(self._receipts.pop(entry.id, None), DeliveryReceipt("queued", f"will retry: {error}"))
+                 delay, error)  # fmt: skip
+        detail = f"will retry in {delay:.3g} s: {error}"
+        resolve(self._receipts.pop(entry.id, None), DeliveryReceipt("queued", detail))
         return False
 
     def _settle(self, entry: OutboxEntry, state: State, error: str) -> bool:
