@@ -6,6 +6,8 @@ import asyncio
 import struct
 from pathlib import Path
 
+import pytest
+
 from nanobot.sessions import SessionStore
 
 TURNS = 200
@@ -44,3 +46,21 @@ async def test_concurrent_turns_share_commits(tmp_path: Path) -> None:
         assert [await reopened.history(f"s{i}") for i in (0, TURNS - 1)] == [turn, turn]
     finally:
         await reopened.close()
+
+
+async def test_a_turn_that_cannot_be_stored_leaves_no_trace(tmp_path: Path) -> None:
+    """A turn whose text cannot be serialised fails cleanly, and the session's next turn does not see it
+    (it used to stay in the memory copy: every later turn of that session then failed)."""
+    from nanobot.errors import NanobotError
+
+    store = await SessionStore.open(tmp_path)
+    try:
+        assert await store.history("s") == []
+        with pytest.raises(NanobotError):
+            await store.append_turn("s", [{"role": "user", "content": "bad \udce5"}])
+        assert await store.history("s") == []
+        good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        await store.append_turn("s", good)
+        assert await store.history("s") == good
+    finally:
+        await store.close()

@@ -343,6 +343,10 @@ class SessionStore:
         commit is shielded: a turn that reached this point is complete even if its
         client goes away. If the commit fails, the memory copy is dropped and reloaded.
         """
+        try:  # serialised before the memory copy changes: a turn that cannot be stored leaves no trace
+            committed = self._backend.append(key, messages)
+        except (TypeError, ValueError) as exc:
+            raise NanobotError(f"could not save the conversation: {exc}") from exc
         cached = self._cache.get(key)
         if cached is not None:  # (if it was evicted meanwhile, the next turn reloads it)
             cached.extend(messages)
@@ -353,7 +357,7 @@ class SessionStore:
             self._remember(key, cached, cost)
         self._known.add(key)
         try:
-            await asyncio.shield(self._backend.append(key, messages))
+            await asyncio.shield(committed)
         except sqlite3.Error as exc:
             self._forget(key)
             raise NanobotError(f"could not save the conversation: {exc}") from exc
