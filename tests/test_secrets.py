@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from nanobot.config import parse_config
+from nanobot.config import Config, parse_config
 from nanobot.redact import config_secrets, redact, secrets_redacted
 
 import fake_platforms as fp
@@ -134,3 +134,39 @@ def test_an_error_text_with_a_lone_surrogate_is_still_an_openai_error() -> None:
     body = orjson.loads(resp.body)  # type: ignore[arg-type]
     assert body["error"]["message"] == "unknown form field 'fil\\udce5s'"
     assert body["error"]["param"] == "fil\\udce5s"
+
+
+async def test_malformed_request_gets_an_openai_error_from_the_real_server(
+    make_config: Callable[..., Config],
+) -> None:
+    """The server `nanobot serve` runs answers aiohttp's own 400s (bad header bytes, oversized
+    headers) in OpenAI error shape with an x-request-id, not a plain-text page."""
+    from aiohttp import web
+
+    from nanobot.gateway.connections import make_runner
+    from nanobot.runtime import build_app
+
+    config = make_config()
+    runner = make_runner(build_app(config), config.api)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        for raw in (
+            b"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-client-SECRET\x01\r\n\r\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"x" * 9000 + b"\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b"\r\n")[0].endswith(b" 400 Bad Request"), head
+            assert b"content-type: application/json" in head.lower() and b"x-request-id: req_" in head
+            error = orjson.loads(body)["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == "bad_request"
+            assert error["message"].startswith("malformed HTTP request: ")
+            assert b"SECRET" not in body
+    finally:
+        await runner.cleanup()

@@ -21,12 +21,17 @@ import logging
 import os
 import resource
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from nanobot.config import ApiConfig
+from nanobot.errors import RequestError
+from nanobot.gateway.errors import error_response, summarize_parse_error
+from nanobot.gateway.ids import new_id
 from nanobot.gateway.state import STATE
 
 log = logging.getLogger(__name__)
@@ -38,9 +43,54 @@ _FD_WARN_EVERY = 60.0  # at most one warning per this many seconds
 _LAST_WRITE = 1.0
 
 
+class _OpenAIErrors(RequestHandler):
+    """A connection whose own protocol errors (a bad request line, an invalid or oversized header:
+    answered by aiohttp before any route or middleware runs) get the OpenAI error shape and an
+    ``x-request-id``, like every other error. aiohttp still logs them (one line: see
+    ``gateway.errors.OneLineBadRequests``) and closes the connection."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)
+        if status >= 500:  # the app's own failures never get here: its middleware answers them
+            return plain
+        what = summarize_parse_error(message) if message else HTTPStatus(status).phrase
+        text = f"malformed HTTP request: {what}"
+        error = RequestError(text, code="bad_request")
+        error.status = status
+        resp = error_response(error)
+        resp.headers["x-request-id"] = new_id("req_")
+        resp.force_close()
+        return resp
+
+
+class _Server(Server):
+    def __call__(self) -> RequestHandler:
+        return _OpenAIErrors(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> Server:
+        # aiohttp has no public seam for the connection class: rebuild the app's server with ours.
+        made = await super()._make_server()
+        return _Server(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            **made._kwargs,
+        )
+
+
 def make_runner(app: web.Application, api: ApiConfig) -> web.AppRunner:
-    """The app's runner: handlers cancelled when their client leaves, idle connections closed."""
-    return web.AppRunner(
+    """The app's runner: handlers cancelled when their client leaves, idle connections closed,
+    malformed requests answered in OpenAI shape."""
+    return _Runner(
         app,
         handler_cancellation=True,
         access_log=None,

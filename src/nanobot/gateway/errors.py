@@ -191,7 +191,7 @@ class OneLineBadRequests(logging.Filter):
         if isinstance(exc, HttpProcessingError):
             peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
             record.msg = "malformed request from %s: %s %s (%s)"
-            record.args = (peer, exc.code, type(exc).__name__, _summary(exc.message))
+            record.args = (peer, exc.code, type(exc).__name__, summarize_parse_error(exc.message))
             record.exc_info = None
             record.exc_text = None
             if record.levelno > logging.WARNING:  # the client's mistake, not the server's
@@ -200,7 +200,7 @@ class OneLineBadRequests(logging.Filter):
         return True
 
 
-def _summary(message: object) -> str:
+def summarize_parse_error(message: object) -> str:
     """aiohttp's description of a parse error, cut before the raw bytes it quotes."""
     text = str(message)
     for stop in (":", "'", '"', "\n"):
