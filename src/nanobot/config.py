@@ -56,6 +56,8 @@ class ApiConfig:
     stream_stall_timeout: float = 30.0  # seconds an SSE reader may read nothing before it is cut
     # -- clean failures (part 3)
     shutdown_grace: float = 10.0  # seconds running requests get to finish on SIGTERM
+    # -- chat UIs (issue 11)
+    web_chat: bool = True  # serve the built-in chat page at GET /
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,356 @@
+"""The built-in web chat in a real browser (Debian's Chromium, headless, driven by Playwright).
+
+One browser for the module; each test gets a fresh browser context (empty localStorage) on a real
+gateway whose upstream is the fake LLM. Set NANOBOT_REQUIRE_BROWSER=1 (``.ci/run`` does) to turn a
+missing browser into a failure instead of a skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+
+from nanobot.config import Config
+from nanobot.runtime import build_app
+
+from fake_llm import FakeLLM, Step, last_user_text
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")  # one browser, one loop, for the module
+
+CHROMIUM = os.environ.get("NANOBOT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = Path(__file__).parent.parent / "docs" / "web-chat.png"
+StartGateway = Callable[..., Awaitable[str]]
+
+try:
+    from playwright.async_api import Browser, ConsoleMessage, Dialog, Page, async_playwright, expect
+except ImportError:  # pragma: no cover - the test extra installs it
+    async_playwright = None  # type: ignore[assignment]
+
+
+def _unavailable() -> str | None:
+    if async_playwright is None:
+        return "the playwright package is not installed (pip install -e '.[test]')"
+    if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    return None
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium, launched once for the module (never Playwright's own download)."""
+    missing = _unavailable()
+    if missing:
+        if os.environ.get("NANOBOT_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser tests required (NANOBOT_REQUIRE_BROWSER=1) but {missing}")
+        pytest.skip(missing)
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        await chromium.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def servers() -> AsyncIterator[list[TestServer]]:
+    """Servers started on the module's loop (pytest-aiohttp's fixtures tear down on another)."""
+    started: list[TestServer] = []
+    yield started
+    for server in reversed(started):  # the gateway before its upstream
+        await server.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def fake_llm(servers: list[TestServer]) -> FakeLLM:
+    """The scripted upstream, on the module's loop."""
+    llm = FakeLLM()
+    server = TestServer(llm.app())
+    await server.start_server()
+    servers.append(server)
+    llm.url = str(server.make_url("/v1"))  # type: ignore[attr-defined]
+    return llm
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def start_gateway(servers: list[TestServer], make_config: Callable[..., Config]) -> StartGateway:
+    """Start a real gateway (the whole runtime) on the module's loop; returns its base URL."""
+
+    async def start(extra: dict[str, Any] | None = None) -> str:
+        server = TestServer(build_app(make_config(extra)))
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    return start
+
+
+class Watched:
+    """A page with what it said on the console, threw, or opened as a JS dialog."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.console_errors: list[str] = []
+        self.page_errors: list[str] = []
+        self.dialogs: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
+        page.on("dialog", self._dialog)
+
+    def _console(self, msg: ConsoleMessage) -> None:
+        if msg.type == "error":
+            self.console_errors.append(msg.text)
+
+    async def _dialog(self, dialog: Dialog) -> None:
+        self.dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def open_page(browser: Browser) -> AsyncIterator[Callable[..., Awaitable[Watched]]]:
+    """Open the chat page of a gateway in a fresh browser context; no page may throw."""
+    watched: list[Watched] = []
+    contexts = []
+
+    async def open_(base: str, *, ready: bool = True, **context_args: Any) -> Watched:
+        context = await browser.new_context(**context_args)
+        context.set_default_timeout(10_000)
+        contexts.append(context)
+        page = await context.new_page()
+        w = Watched(page)
+        watched.append(w)
+        await page.goto(base + "/")
+        if ready:  # the chat list loaded and the open chat restored
+            await page.wait_for_selector("body[data-ready]")
+        return w
+
+    yield open_
+    for context in contexts:
+        await context.close()
+    for w in watched:
+        assert w.page_errors == [], "the page threw"
+
+
+def assistant(page: Page) -> Any:
+    """The last answer on the page."""
+    return page.locator(".msg.assistant").last
+
+
+async def send(page: Page, text: str) -> None:
+    """Type ``text`` and press Enter, as a user would."""
+    await page.locator("#input").fill(text)
+    await page.locator("#input").press("Enter")
+
+
+async def test_page_loads_without_console_errors(start_gateway: StartGateway, open_page: Any) -> None:
+    """Opening http://127.0.0.1:PORT/ shows the chat, ready to type, and the console stays clean."""
+    base = await start_gateway()
+    w = await open_page(base)
+    await expect(w.page.locator("#input")).to_be_focused()
+    await expect(w.page.locator("h1")).to_have_text("New chat")
+    assert w.console_errors == []
+    assert w.dialogs == []
+
+
+async def test_answer_streams_in_and_enter_sends(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """Enter sends (Shift+Enter is a new line) and the answer shows while the model is still writing."""
+    gate = asyncio.Event()
+    fake_llm.push(Step(chunks=["The first half, ", "then the rest."], gate=gate))
+    w = await open_page(await start_gateway())
+    box = w.page.locator("#input")
+    await box.type("line one")
+    await box.press("Shift+Enter")
+    await box.type("line two")
+    await box.press("Enter")
+    await expect(assistant(w.page)).to_contain_text("The first half,")
+    await expect(assistant(w.page)).not_to_contain_text("then the rest")
+    await expect(w.page.locator("#stop")).to_be_visible()
+    gate.set()
+    await expect(assistant(w.page)).to_contain_text("The first half, then the rest.")
+    await expect(w.page.locator("#send")).to_be_visible()
+    assert last_user_text(fake_llm.requests[-1]) == "line one\nline two"
+    await expect(w.page.locator(".msg.user").last).to_have_text("line one\nline two")
+    await expect(box).to_have_value("")
+
+
+async def test_stop_cancels_the_turn_upstream(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """Stop ends the answer where it is, and the model's call upstream is cancelled too."""
+    fake_llm.push(Step(chunks=["Counting: one, two, ", "never sent"], gate=asyncio.Event()))
+    w = await open_page(await start_gateway())
+    await send(w.page, "count to a million")
+    await expect(assistant(w.page)).to_contain_text("Counting: one, two,")
+    await w.page.locator("#stop").click()
+    await asyncio.wait_for(fake_llm.cancelled.wait(), 10)
+    await expect(assistant(w.page).locator(".status")).to_have_text("Stopped.")
+    await expect(assistant(w.page)).to_contain_text("Counting: one, two,")
+    await expect(w.page.locator("#send")).to_be_visible()
+    await expect(w.page.locator("#input")).to_be_focused()
+
+
+async def test_attached_files_reach_the_model(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """A file picked with the button and one dropped on the page both reach the model as text."""
+    w = await open_page(await start_gateway())
+    page = w.page
+    await page.locator("#file-input").set_input_files(
+        {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"The password is pineapple."}
+    )
+    # Drag and drop: the browser's own drop event carrying a File.
+    await page.evaluate(
+        """() => {
+            const data = new DataTransfer();
+            const text = "Dropped: the meeting is on Tuesday.";
+            data.items.add(new File([text], "dropped.txt", {type: "text/plain"}));
+            for (const type of ["dragenter", "dragover", "drop"]) {
+                document.getElementById("messages").dispatchEvent(
+                    new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true}));
+            }
+        }"""
+    )
+    await expect(page.locator("#attachments li")).to_have_count(2)
+    await send(page, "what do these say?")
+    await expect(assistant(page)).to_contain_text("echo:")
+    await expect(page.locator("#attachments li")).to_have_count(0)
+    await expect(page.locator(".msg.user .sent-files li")).to_have_text(["notes.txt", "dropped.txt"])
+    sent = str(fake_llm.requests[-1]["messages"])
+    assert "The password is pineapple." in sent
+    assert "Dropped: the meeting is on Tuesday." in sent
+
+
+async def test_a_refused_file_shows_the_servers_error_next_to_it(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """A file over api.maxFileBytes gets the server's 413 message beside it; the message stays in the box."""
+    w = await open_page(await start_gateway({"api": {"maxFileBytes": 1000}}))
+    page = w.page
+    await page.locator("#file-input").set_input_files(
+        {"name": "big.txt", "mimeType": "text/plain", "buffer": b"x" * 5000}
+    )
+    await send(page, "read this")
+    error = page.locator("#attachments li.has-error .file-error")
+    await expect(error).to_contain_text("Too large")
+    await expect(error).to_contain_text("larger than the limit of 1000 bytes")
+    await expect(page.locator("#input")).to_have_value("read this")
+    await expect(page.locator(".msg")).to_have_count(0)
+    assert fake_llm.requests == []
+    # Removing the file and sending again works.
+    await page.get_by_role("button", name="Remove big.txt").click()
+    await page.locator("#input").press("Enter")
+    await expect(assistant(page)).to_have_text("echo: read this")
+
+
+XSS_REPLY = (
+    "<img src=x onerror=\"window.__xss='img'; alert('img')\">\n\n"
+    "<script>window.__xss='script'; alert('script')</script>\n\n"
+    "[click me](javascript:alert('link')) and <b onmouseover=alert(1)>bold?</b>\n\n"
+    "**bold** and *italic* and `inline <i>code</i>`, see [the docs](https://example.com/docs).\n\n"
+    "- one\n- two\n\n## A heading\n\n"
+    "```html\n<script>alert('in code')</script>\n```\n"
+)
+
+
+async def test_markdown_renders_and_html_in_replies_stays_text(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """HTML and script in a reply show as text (no element, no dialog); Markdown still renders."""
+    fake_llm.push(Step(chunks=[XSS_REPLY[:40], XSS_REPLY[40:]]))
+    w = await open_page(await start_gateway())
+    page = w.page
+    await send(page, "<img src=y onerror=\"window.__xss='user'\"> hi")
+    answer = assistant(page)
+    await expect(answer.locator(".code")).to_have_count(1)
+    await expect(page.locator("#send")).to_be_visible()
+    await expect(answer).to_contain_text("<img src=x onerror=")
+    await expect(answer).to_contain_text("<script>window.__xss='script'")
+    await expect(page.locator(".msg.user")).to_contain_text("<img src=y onerror=")
+    messages = page.locator("#messages")
+    assert await messages.locator("img, script, b, i, iframe").count() == 0
+    assert await page.evaluate("() => window.__xss") is None
+    assert w.dialogs == []
+    # The dangerous link is text; the https one is a real link that opens safely.
+    assert await messages.locator("a[href^='javascript']").count() == 0
+    link = answer.get_by_role("link", name="the docs")
+    await expect(link).to_have_attribute("href", "https://example.com/docs")
+    await expect(link).to_have_attribute("target", "_blank")
+    await expect(link).to_have_attribute("rel", "noopener noreferrer")
+    await expect(answer.locator("strong")).to_have_text(["bold"])
+    await expect(answer.locator("em")).to_have_text(["italic"])
+    await expect(answer.locator("p code")).to_have_text("inline <i>code</i>")
+    await expect(answer.locator("li")).to_have_text(["one", "two"])
+    await expect(answer.locator("h4")).to_have_text("A heading")
+    await expect(answer.locator(".code pre")).to_have_text("<script>alert('in code')</script>")
+    # The copy button puts the code itself on the clipboard.
+    await page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    await answer.get_by_role("button", name="Copy html to the clipboard").click()
+    await expect(answer.locator(".copy")).to_have_text("Copied")
+    copied = await page.evaluate("() => navigator.clipboard.readText()")
+    assert copied == "<script>alert('in code')</script>"
+    assert w.dialogs == []
+
+
+async def test_api_key_is_asked_once_and_kept(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """With api.apiKey set the page asks for the key, retries with it, and keeps it across reloads."""
+    w = await open_page(await start_gateway({"api": {"apiKey": "sk-web-chat-key-1"}}), ready=False)
+    page = w.page
+    dialog = page.locator("#key-dialog")
+    await expect(dialog).to_be_visible()
+    await page.locator("#key-input").fill("sk-wrong-key-000")
+    await page.locator("#key-input").press("Enter")
+    await expect(dialog).to_be_visible()
+    await expect(page.locator("#key-text")).to_contain_text("not accepted")
+    await page.locator("#key-input").fill("sk-web-chat-key-1")
+    await page.get_by_role("button", name="Save").click()
+    await expect(dialog).to_be_hidden()
+    await send(page, "hello with a key")
+    await expect(assistant(page)).to_have_text("echo: hello with a key")
+    assert fake_llm.requests[-1]["messages"][-1]["content"] == "hello with a key"
+    await page.reload()
+    await page.wait_for_selector("body[data-ready]")
+    await expect(dialog).to_be_hidden()
+    await send(page, "and again")
+    await expect(assistant(page)).to_have_text("echo: and again")
+    assert w.dialogs == []
+
+
+async def test_upstream_failure_is_a_readable_message(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """When the model's server fails, the answer says so in words (never a blank or broken page)."""
+    fake_llm.push(Step(status=401, error="invalid upstream credentials"))
+    w = await open_page(await start_gateway())
+    await send(w.page, "hello?")
+    status = assistant(w.page).locator(".status")
+    await expect(status).to_contain_text("invalid upstream credentials")
+    await expect(status).to_have_attribute("role", "alert")
+    await expect(w.page.locator("#send")).to_be_visible()
+
+
+async def test_a_server_that_is_gone_is_reported(start_gateway: StartGateway, open_page: Any) -> None:
+    """If the gateway stops, sending says it cannot reach the server instead of failing silently."""
+    w = await open_page(await start_gateway())
+    await w.page.context.set_offline(True)
+    await send(w.page, "anyone there?")
+    await expect(w.page.locator("#banner")).to_contain_text("Cannot reach the nanobot server")
+    await expect(w.page.locator("#input")).to_have_value("anyone there?")
