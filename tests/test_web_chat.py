@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
@@ -354,3 +356,138 @@ async def test_a_server_that_is_gone_is_reported(start_gateway: StartGateway, op
     await send(w.page, "anyone there?")
     await expect(w.page.locator("#banner")).to_contain_text("Cannot reach the nanobot server")
     await expect(w.page.locator("#input")).to_have_value("anyone there?")
+
+
+async def sessions_listed(base: str, key: str = "") -> list[dict[str, Any]]:
+    """The API's own list of sessions, newest first."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as s, s.get(f"{base}/v1/sessions", headers=headers) as r:
+        assert r.status == 200
+        return list((await r.json())["data"])
+
+
+async def test_chats_survive_reload_rename_and_delete(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """Chats are listed, reopen with their history after a reload, and can be switched, renamed, deleted."""
+    base = await start_gateway()
+    w = await open_page(base)
+    page = w.page
+    rows = page.locator("#sessions li")
+    await send(page, "first topic: apples")
+    await expect(assistant(page)).to_have_text("echo: first topic: apples")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text("first topic: apples")  # untitled: its first message
+    await page.get_by_role("button", name="New chat").click()
+    await expect(page.locator(".msg")).to_have_count(0)
+    await send(page, "second topic: pears")
+    await expect(assistant(page)).to_have_text("echo: second topic: pears")
+    await expect(rows).to_have_count(2)
+    await expect(rows.first).to_contain_text("second topic")  # newest first
+
+    await page.reload()
+    await page.wait_for_selector("body[data-ready]")
+    await expect(page.locator(".msg.user")).to_have_text(["second topic: pears"])
+    await expect(assistant(page)).to_have_text("echo: second topic: pears")
+    await expect(page.locator("#sessions li.current")).to_contain_text("second topic")
+
+    # Switching back continues that chat: the model sees its history.
+    await rows.filter(has_text="first topic").locator(".open").click()
+    await expect(page.locator(".msg.user")).to_have_text(["first topic: apples"])
+    await send(page, "more apples")
+    await expect(assistant(page)).to_have_text("echo: more apples")
+    said = [m["content"] for m in fake_llm.requests[-1]["messages"] if m["role"] == "user"]
+    assert said == ["first topic: apples", "more apples"]
+
+    first = rows.filter(has_text="first topic")
+    await first.locator(".rename").click()
+    await page.get_by_label("New title").fill("Fruit plans")
+    await page.get_by_label("New title").press("Enter")
+    await expect(rows.filter(has_text="Fruit plans")).to_have_count(1)
+    await expect(page.locator("h1")).to_have_text("Fruit plans")
+    await page.reload()
+    await page.wait_for_selector("body[data-ready]")
+    await expect(page.locator("#sessions li.current")).to_have_text(re.compile("Fruit plans"))
+    await expect(page.locator(".msg.user")).to_have_text(["first topic: apples", "more apples"])
+
+    delete = rows.filter(has_text="Fruit plans").locator(".delete")
+    await delete.click()
+    await expect(delete).to_have_text("Delete?")  # a second press confirms
+    await delete.click()
+    await expect(rows).to_have_count(1)
+    await expect(page.locator(".msg")).to_have_count(0)  # the open chat is gone: a new one
+    assert [s["title"] for s in await sessions_listed(base)] == ["second topic: pears"]
+    await page.reload()
+    await page.wait_for_selector("body[data-ready]")
+    await expect(rows).to_have_count(1)
+    await expect(page.locator(".msg")).to_have_count(0)
+    assert w.console_errors == []
+    assert w.dialogs == []
+
+
+async def test_phone_width_dark_mode_and_keyboard(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """On a phone-width screen the page fits, the chat list opens from a button, dark mode applies,
+    and the keyboard reaches everything with a visible focus ring."""
+    fake_llm.push(Step(text="```\n" + "x" * 400 + "\n```"))
+    w = await open_page(await start_gateway(), viewport={"width": 390, "height": 800}, color_scheme="dark")
+    page = w.page
+    assert await page.evaluate("() => getComputedStyle(document.body).backgroundColor") == "rgb(23, 25, 29)"
+    await expect(page.locator("#sidebar")).to_be_hidden()
+    await send(page, "a wide answer please")
+    await expect(assistant(page).locator("pre")).to_be_visible()
+    await expect(page.locator("#send")).to_be_visible()
+    assert await page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    await page.get_by_role("button", name="Show the chat list").click()
+    await expect(page.locator("#new-chat")).to_be_focused()
+    await expect(page.locator("#sessions li")).to_have_count(1)
+    await page.keyboard.press("Tab")
+    await page.keyboard.press("Tab")  # past "close", onto the chat's title
+    focused = await page.evaluate(
+        "() => [document.activeElement.textContent, getComputedStyle(document.activeElement).outlineStyle]"
+    )
+    assert focused == ["a wide answer please", "solid"]
+    await page.keyboard.press("Enter")  # opens it and closes the list
+    await expect(page.locator("#sidebar")).to_be_hidden()
+    await expect(page.locator("#input")).to_be_focused()
+    await page.keyboard.press("Shift+Tab")
+    assert await page.evaluate("() => document.activeElement.getAttribute('aria-label')") == "Attach files"
+
+
+SCREENSHOT_REPLY = """Use **`wc`** for a quick count, or a few lines of Python for more control:
+
+```python
+from pathlib import Path
+
+words = Path("notes.txt").read_text().split()
+print(f"{len(words)} words")
+```
+
+- `wc -w notes.txt` prints the word count and the file name.
+- `split()` with no argument splits on any run of whitespace.
+"""
+
+
+async def test_screenshot_after_a_short_conversation(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM, tmp_path: Path
+) -> None:
+    """The README's picture of the page is the real page after a real conversation.
+
+    Set NANOBOT_SCREENSHOT=docs/web-chat.png to refresh the committed one."""
+    fake_llm.push(Step(text="Hi! Ask me anything: I can read files you attach and message your chats."))
+    fake_llm.push(Step(chunks=[SCREENSHOT_REPLY[:60], SCREENSHOT_REPLY[60:]]))
+    w = await open_page(await start_gateway(), viewport={"width": 1100, "height": 700})
+    page = w.page
+    await send(page, "Hello nanobot")
+    await expect(assistant(page)).to_contain_text("Ask me anything")
+    await page.get_by_role("button", name="New chat").click()
+    await send(page, "How do I count the words in a file?")
+    await expect(assistant(page).locator(".code")).to_have_count(1)
+    await expect(page.locator("#send")).to_be_visible()
+    await expect(page.locator("#sessions li")).to_have_count(2)
+    await page.locator("#input").fill("Thanks! Can you also")
+    await page.locator("#input").blur()
+    target = Path(os.environ.get("NANOBOT_SCREENSHOT") or tmp_path / "web-chat.png")
+    png = await page.screenshot(path=str(target))
+    assert png.startswith(b"\x89PNG")

@@ -1,6 +1,7 @@
 // nanobot's web chat: the composer, attachments, sending and streaming, the open chat, the key prompt.
 
 import { apiFetch, apiJson, ApiError, describeError, setKeyPrompt, sseEvents } from "./api.js";
+import { icon, placeIcons } from "./icons.js";
 import { Sidebar } from "./sessions.js";
 import { AssistantView, addUser, clearMessages, showHistory } from "./view.js";
 
@@ -46,7 +47,7 @@ function showBanner(text) {
   const close = document.createElement("button");
   close.type = "button";
   close.className = "icon";
-  close.textContent = "×";
+  close.append(icon("close"));
   close.setAttribute("aria-label", "Dismiss");
   close.addEventListener("click", () => showBanner(""));
   banner.append(message, close);
@@ -77,7 +78,7 @@ function drawFiles() {
       const remove = document.createElement("button");
       remove.type = "button";
       remove.className = "icon";
-      remove.textContent = "×";
+      remove.append(icon("close"));
       remove.setAttribute("aria-label", `Remove ${entry.file.name}`);
       remove.addEventListener("click", () => {
         files.splice(index, 1);
@@ -259,7 +260,15 @@ function newChat() {
 
 const sidebar = new Sidebar({
   onOpen: openSession,
-  onDeleted: (id) => { if (id === sessionId) newChat(); },
+  onDeleted: (id) => {
+    if (id !== sessionId) return;
+    try {
+      localStorage.removeItem(SESSION_STORAGE);
+    } catch {
+      /* storage disabled: nothing was kept */
+    }
+    newChat();
+  },
   currentId: () => sessionId,
   onError: showBanner,
 });
@@ -345,6 +354,7 @@ function wire() {
 
 async function start() {
   setKeyPrompt(askKey);
+  placeIcons();
   wire();
   let stored = "";
   try {

@@ -1,6 +1,7 @@
 // The sidebar: the API's sessions (GET /v1/sessions), switch, rename (PATCH), delete (DELETE).
 
 import { apiJson, describeError, ApiError } from "./api.js";
+import { icon } from "./icons.js";
 
 const list = document.getElementById("sessions");
 const note = document.getElementById("sessions-note");
@@ -87,11 +88,13 @@ export class Sidebar {
     open.type = "button";
     open.title = title;
     open.addEventListener("click", () => this.onOpen(session.id));
-    const rename = el("button", "icon rename", "✎");
+    const rename = el("button", "icon rename");
+    rename.append(icon("pencil"));
     rename.type = "button";
     rename.setAttribute("aria-label", `Rename “${title}”`);
     rename.addEventListener("click", () => this.startRename(li, session));
-    const remove = el("button", "icon delete", "🗑");
+    const remove = el("button", "icon delete");
+    remove.append(icon("trash"));
     remove.type = "button";
     remove.setAttribute("aria-label", `Delete “${title}”`);
     remove.addEventListener("click", () => this.confirmDelete(remove, session, title));
@@ -148,7 +151,7 @@ export class Sidebar {
     button.setAttribute("aria-label", `Press again to delete “${title}”`);
     const disarm = () => {
       delete button.dataset.armed;
-      button.textContent = "🗑";
+      button.replaceChildren(icon("trash"));
       button.classList.remove("armed");
       button.setAttribute("aria-label", `Delete “${title}”`);
     };

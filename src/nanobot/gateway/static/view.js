@@ -1,5 +1,6 @@
 // The conversation on screen: user and assistant messages, streaming text, tool progress, errors.
 
+import { icon } from "./icons.js";
 import { renderMarkdown } from "./markdown.js";
 
 const messages = document.getElementById("messages");
@@ -44,7 +45,11 @@ export function addUser(text, fileNames = []) {
   if (fileNames.length) {
     const list = el("ul", "sent-files");
     list.setAttribute("aria-label", "Files sent");
-    for (const name of fileNames) list.append(el("li", null, name));
+    for (const name of fileNames) {
+      const li = el("li");
+      li.append(icon("clip"), document.createTextNode(name));
+      list.append(li);
+    }
     box.append(list);
   }
   messages.append(box);
