@@ -8,6 +8,7 @@ missing browser into a failure instead of a skip.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -347,6 +348,29 @@ async def test_upstream_failure_is_a_readable_message(
     await expect(status).to_contain_text("invalid upstream credentials")
     await expect(status).to_have_attribute("role", "alert")
     await expect(w.page.locator("#send")).to_be_visible()
+
+
+async def test_a_busy_server_says_when_to_retry(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """Past api.maxConcurrentTurns the page shows the 429 in words with its Retry-After; the text stays."""
+    fake_llm.push(Step(stall=True))
+    base = await start_gateway({"api": {"maxConcurrentTurns": 1}})
+    w = await open_page(base)
+    body = {"messages": [{"role": "user", "content": "a long job"}], "session_id": "other"}
+    async with aiohttp.ClientSession() as s:
+        busy = asyncio.create_task(s.post(f"{base}/v1/chat/completions", json=body))
+        await asyncio.wait_for(fake_llm.received.wait(), 10)
+        await send(w.page, "my turn?")
+        banner = w.page.locator("#banner")
+        await expect(banner).to_contain_text("The server is busy")
+        await expect(banner).to_contain_text("api.maxConcurrentTurns")
+        await expect(banner).to_contain_text("Try again in 1 s.")
+        await expect(w.page.locator("#input")).to_have_value("my turn?")
+        await expect(w.page.locator(".msg")).to_have_count(0)
+        busy.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await busy
 
 
 async def test_a_server_that_is_gone_is_reported(start_gateway: StartGateway, open_page: Any) -> None:
