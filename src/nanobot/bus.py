@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from nanobot.errors import NanobotError
@@ -93,6 +93,10 @@ class InboundMessage:
     temperature: float | None = None  # this turn only; None: the configured default
     max_tokens: int | None = None  # this turn only; None: the configured default
     metadata: dict[str, str] = field(default_factory=dict)
+    # The earlier messages, in OpenAI chat format, when the client sent the conversation
+    # (api.clientHistory "accept"): the turn runs on them instead of the session's history
+    # and stores nothing. None: the session's history.
+    history: tuple[dict[str, Any], ...] | None = None
 
     @property
     def session_key(self) -> str:

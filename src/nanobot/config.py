@@ -56,7 +56,8 @@ class ApiConfig:
     stream_stall_timeout: float = 30.0  # seconds an SSE reader may read nothing before it is cut
     # -- clean failures (part 3)
     shutdown_grace: float = 10.0  # seconds running requests get to finish on SIGTERM
-    # -- chat UIs (issue 11)
+    # -- chat UIs (issue 11): "reject" one-user-message rule, or "accept" a resent conversation
+    client_history: str = "reject"
     web_chat: bool = True  # serve the built-in chat page at GET /
 
 
@@ -375,6 +376,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"api.{key}: must be greater than 0")
     if api.shutdown_grace < 0:
         raise ConfigError("api.shutdownGrace: must not be negative")
+    if api.client_history not in ("reject", "accept"):
+        raise ConfigError(f'api.clientHistory: expected "reject" or "accept", got {api.client_history!r}')
     if not config.agents.defaults.model:
         raise ConfigError("agents.defaults.model: must not be empty")
     if config.agents.defaults.max_tool_iterations < 1:

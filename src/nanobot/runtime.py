@@ -22,6 +22,7 @@ from nanobot.config import Config, describe_provider
 from nanobot.errors import NanobotError
 from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until
+from nanobot.gateway.sessions_api import SESSION_STORE
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.sessions import SessionStore
 from nanobot.workspace import WorkspaceLock
@@ -55,6 +56,7 @@ def build_app(config: Config) -> web.Application:
             max_chars=defaults.max_history_chars,
             cache_bytes=defaults.session_cache_bytes,
         )
+        app[SESSION_STORE].store = sessions  # the /v1/sessions routes
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
         tools = ToolRegistry([MessageTool()])
@@ -73,6 +75,7 @@ def build_app(config: Config) -> web.Application:
             await asyncio.gather(*tasks, return_exceptions=True)
             await manager.stop()
             await provider.close()
+            app[SESSION_STORE].store = None
             await sessions.close()
             await shutdown_extractors()
 

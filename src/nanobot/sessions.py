@@ -15,6 +15,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -22,7 +23,9 @@ from typing import Any, Protocol, cast
 
 import orjson
 
+from nanobot import session_table
 from nanobot.errors import NanobotError, StorageError
+from nanobot.session_table import SessionInfo
 from nanobot.workspace import prepare as prepare_workspace
 
 ChatMessage = dict[str, Any]  # one message in OpenAI chat format (JSON-shaped by nature)
@@ -60,6 +63,25 @@ class SessionBackend(Protocol):
 
     async def close(self) -> None:
         """Flush and release the storage."""
+        ...
+
+    async def page(self, prefix: str, limit: int, after: str | None) -> tuple[list[SessionInfo], bool] | None:
+        """Sessions whose key starts with ``prefix``, newest first, after the key ``after``;
+        whether there are more. None when ``after`` is not such a session."""
+        ...
+
+    async def read(
+        self, key: str, max_messages: int, max_bytes: int
+    ) -> tuple[SessionInfo, list[ChatMessage], bool] | None:
+        """A session's row and its newest whole turns (bounded); whether older ones were left out."""
+        ...
+
+    async def rename(self, key: str, title: str) -> SessionInfo | None:
+        """Set an existing session's title; None when there is no such session."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove a session and its history; whether it existed."""
         ...
 
 
@@ -105,6 +127,7 @@ class SqliteBackend:
             db.execute("PRAGMA journal_mode=WAL")  # the first read: "file is not a database" is raised here
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            session_table.migrate(db)
         except sqlite3.Error:
             db.close()
             raise
@@ -181,7 +204,7 @@ class SqliteBackend:
         """Every session key that has history (read at start: a damaged file fails here, named)."""
         try:
             rows: list[tuple[str]] = await self._call(
-                lambda db: db.execute("SELECT DISTINCT session FROM turns").fetchall()
+                lambda db: db.execute("SELECT key FROM sessions").fetchall()
             )
         except sqlite3.Error as exc:
             raise self._storage_error("cannot read", exc) from None
@@ -200,11 +223,39 @@ class SqliteBackend:
     def append(self, key: str, messages: Sequence[ChatMessage]) -> asyncio.Future[object]:
         """Add one turn's messages to ``key``; the future resolves once they are committed."""
         row = (key, orjson.dumps(messages))
+        now = time.time()
+        title, preview = session_table.summarize(messages)
+        summary = (key, title, now, now, preview)
 
         def job(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO turns (session, data) VALUES (?, ?)", row)
+            db.execute(session_table.RECORD_TURN, summary)  # same batch, same commit
 
         return self._submit(job)
+
+    async def page(self, prefix: str, limit: int, after: str | None) -> tuple[list[SessionInfo], bool] | None:
+        """See :meth:`SessionBackend.page`."""
+        return cast(
+            "tuple[list[SessionInfo], bool] | None",
+            await self._call(lambda db: session_table.page(db, prefix, limit, after)),
+        )
+
+    async def read(
+        self, key: str, max_messages: int, max_bytes: int
+    ) -> tuple[SessionInfo, list[ChatMessage], bool] | None:
+        """See :meth:`SessionBackend.read`."""
+        return cast(
+            "tuple[SessionInfo, list[ChatMessage], bool] | None",
+            await self._call(lambda db: session_table.history(db, key, max_messages, max_bytes)),
+        )
+
+    async def rename(self, key: str, title: str) -> SessionInfo | None:
+        """See :meth:`SessionBackend.rename`."""
+        return cast("SessionInfo | None", await self._call(lambda db: session_table.rename(db, key, title)))
+
+    async def delete(self, key: str) -> bool:
+        """See :meth:`SessionBackend.delete`."""
+        return bool(await self._call(lambda db: session_table.delete(db, key)))
 
     async def close(self) -> None:
         """Finish queued writes and stop the database thread."""
@@ -361,6 +412,36 @@ class SessionStore:
         except sqlite3.Error as exc:
             self._forget(key)
             raise NanobotError(f"could not save the conversation: {exc}") from exc
+
+    # -- sessions over HTTP: listing, reading, renaming, deleting (off the turn path)
+    async def page(self, prefix: str, limit: int, after: str | None) -> tuple[list[SessionInfo], bool] | None:
+        """Sessions whose key starts with ``prefix``, newest first (see :meth:`SessionBackend.page`)."""
+        return await self._backend.page(prefix, limit, after)
+
+    async def read(
+        self, key: str, max_messages: int, max_bytes: int
+    ) -> tuple[SessionInfo, list[ChatMessage], bool] | None:
+        """The whole stored history of ``key`` (not only the model's window), bounded."""
+        return await self._backend.read(key, max_messages, max_bytes)
+
+    async def rename(self, key: str, title: str) -> SessionInfo | None:
+        """Set the title of an existing session."""
+        return await self._backend.rename(key, title)
+
+    async def delete(self, key: str) -> bool:
+        """Forget ``key`` on disk and in memory; waits for a running turn (the turn lock), so it
+        never interleaves with one, and the next turn starts fresh."""
+        async with self.lock(key):
+            # Shielded, and the memory copy dropped first: a client that goes away mid-way
+            # cannot leave a cached history whose rows are gone (or the reverse).
+            deleting = asyncio.ensure_future(self._backend.delete(key))
+            self._forget(key)
+            self._known.discard(key)
+            try:
+                return await asyncio.shield(deleting)
+            except sqlite3.Error as exc:
+                self._known.add(key)  # still on disk: the next turn reloads it
+                raise NanobotError(f"could not delete the conversation: {exc}") from exc
 
     def _remember(self, key: str, messages: list[ChatMessage], cost: int) -> None:
         """Cache ``key`` as most recently used, then drop the least recently used over the bounds."""

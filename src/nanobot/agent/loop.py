@@ -10,6 +10,7 @@ cancelled or failed turn persists nothing, so the history is as if it never star
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -141,15 +142,19 @@ class AgentLoop:
                 # a slow reader pauses the upstream read here (one lookup per delta otherwise)
                 return None if pressure is None else pressure.wait_writable(msg.request_id)
 
-        async with self._sessions.lock(key):
-            history = await self._sessions.history(key)
+        # A conversation the client sent (api.clientHistory "accept") is the history as it
+        # stands: no session to serialise on, nothing stored.
+        given = msg.history
+        async with self._sessions.lock(key) if given is None else contextlib.nullcontext():
+            history = await self._sessions.history(key) if given is None else list(given)
             live_user, stored_user = user_message(msg)
             context = self._context(msg)
             prompt = _Prompt([*context, *history, live_user], len(context), len(context) + len(history))
             new: list[ChatMessage] = [stored_user]
             answer, finish, usage = await self._loop(msg, prompt, new, on_delta)
             new.append({"role": "assistant", "content": answer})
-            await self._sessions.append_turn(key, new)
+            if given is None:
+                await self._sessions.append_turn(key, new)
         bus.publish_outbound(
             OutboundMessage(
                 msg.channel,

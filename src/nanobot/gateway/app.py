@@ -17,6 +17,7 @@ from nanobot.errors import NotFoundError
 from nanobot.gateway.browser import BrowserPolicy, add_cors_headers
 from nanobot.gateway.completions import chat_completions
 from nanobot.gateway.errors import HTTP_LOG, ONE_LINE_BAD_REQUESTS, make_middleware
+from nanobot.gateway.sessions_api import add_session_routes
 from nanobot.gateway.state import STATE, GatewayState
 from nanobot.gateway.webchat import add_web_chat
 from nanobot.redact import config_secrets, secrets_redacted
@@ -84,6 +85,7 @@ def create_app(config: Config, bus: MessageBus, api: ApiChannel) -> web.Applicat
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model:.+}", model)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    add_session_routes(app)
     if config.api.web_chat:
         add_web_chat(app)
     return app

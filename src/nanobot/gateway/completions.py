@@ -33,19 +33,41 @@ _SSE_HEADERS = {
 }
 
 
-def _form_request(fields: dict[str, str], files: tuple[FileInput, ...], model: str) -> ChatRequest:
+def _form_request(
+    fields: dict[str, str],
+    files: tuple[FileInput, ...],
+    model: str,
+    header_session: str | None,
+    api: ApiConfig,
+) -> ChatRequest:
     check_model(fields.get("model") or None, model)
     text = fields.get("message", "")
     if not text.strip() and not files:
         raise RequestError("the 'message' field is empty and no files were sent", param="message")
+    given = fields.get("session_id") or header_session
     return ChatRequest(
         text=text,
-        session_id=check_session_id(fields.get("session_id")),
+        session_id=check_session_id(fields.get("session_id"), header_session or "default"),
         stream=form_stream(fields.get("stream")),
         include_usage=False,
         instructions=fields.get("system", ""),
         files=files,
+        # api.clientHistory "accept": a request naming no session is a conversation of its own
+        history=() if given is None and api.client_history == "accept" else None,
     )
+
+
+def _header_session(request: web.Request) -> str | None:
+    """The ``X-Session-Id`` header's session id, checked; None when absent. A body's
+    ``session_id`` (JSON or form field) wins over it."""
+    value = request.headers.get("X-Session-Id")
+    if not value:
+        return None
+    try:
+        return check_session_id(value)
+    except RequestError as exc:
+        message = exc.message.replace("session_id", "X-Session-Id", 1)
+        raise RequestError(message, param="X-Session-Id") from None
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -68,15 +90,16 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
     ctype = request.content_type
+    api = state.config.api
+    header_session = _header_session(request)
     if ctype == "multipart/form-data":
-        api = state.config.api
         form = await read_multipart(
             request,
             max_file_bytes=api.max_file_bytes,
             max_files=api.max_files,
             max_request_bytes=api.max_request_bytes,
         )
-        return _form_request(form.fields, form.files, state.model)
+        return _form_request(form.fields, form.files, state.model, header_session, api)
     if ctype not in _JSON_TYPES and not ctype.endswith("+json"):
         raise UnsupportedMediaError(
             f"Content-Type {ctype!r} is not supported; send application/json or multipart/form-data"
@@ -88,13 +111,20 @@ async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
             fields = dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=True))
         except (UnicodeDecodeError, ValueError) as exc:
             raise RequestError("We could not parse the form body of your request.") from exc
-        return _form_request(fields, (), state.model)
+        return _form_request(fields, (), state.model, header_session, api)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise RequestError(f"We could not parse the JSON body of your request: {exc}") from exc
     del raw  # the parsed body is all that is needed from here on
-    return parse_chat_request(body, state.model, state.limits.max_file_bytes)
+    return parse_chat_request(
+        body,
+        state.model,
+        state.limits.max_file_bytes,
+        header_session=header_session,
+        client_history=api.client_history == "accept",
+        max_files=api.max_files,
+    )
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanobot.attachments import decode_data_url
 from nanobot.errors import RequestError
 
+if TYPE_CHECKING:
+    from nanobot.gateway.conversation import PastMessage
+
 MAX_SESSION_ID = 128
 _HISTORY_HINT = (
     "This server keeps the conversation history per session_id: send exactly one 'user' message "
-    "(optionally after 'system'/'developer' messages) and pass session_id to continue a conversation."
+    "(optionally after 'system'/'developer' messages) and pass session_id to continue a conversation. "
+    "To send the whole conversation each time instead (chat UIs do), the server's config must set "
+    'api.clientHistory to "accept".'
 )
 
 
@@ -36,12 +41,15 @@ class ChatRequest:
     max_tokens: int | None = None
     instructions: str = ""
     files: tuple[FileInput, ...] = ()
+    # The conversation the client sent (api.clientHistory "accept"): the turn runs on it and
+    # stores nothing. None: the server's session history is used.
+    history: tuple[PastMessage, ...] | None = None
 
 
-def check_session_id(value: object) -> str:
-    """A valid session id: a string of 1-128 characters with no control characters; omitted → default."""
+def check_session_id(value: object, default: str = "default") -> str:
+    """A valid session id: a string of 1-128 characters with no control characters; omitted → ``default``."""
     if value is None or value == "":
-        return "default"
+        return default
     if not isinstance(value, str):
         raise RequestError("session_id must be a string", param="session_id")
     if len(value) > MAX_SESSION_ID:
@@ -62,7 +70,7 @@ def check_model(value: object, model: str) -> None:
     )
 
 
-def _text_of(content: object, param: str) -> str:
+def text_of(content: object, param: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -79,7 +87,7 @@ def _text_of(content: object, param: str) -> str:
     raise RequestError(f"{param} must be a string or a list of text parts", param=param)
 
 
-def _user_content(content: object, param: str, max_file_bytes: int) -> tuple[str, tuple[FileInput, ...]]:
+def user_content(content: object, param: str, max_file_bytes: int) -> tuple[str, tuple[FileInput, ...]]:
     # Data URLs are decoded here, while the body is parsed, so the base64 text (a third
     # larger than the file) is not kept alive for the rest of the request.
     if isinstance(content, str):
@@ -130,7 +138,7 @@ def _split_messages(messages: object) -> tuple[str, int, dict[str, Any]]:
         if not isinstance(m, dict) or not isinstance(role, str):
             raise RequestError(f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
         if role in ("system", "developer") and user is None:
-            instructions.append(_text_of(m.get("content"), f"messages[{i}].content"))
+            instructions.append(text_of(m.get("content"), f"messages[{i}].content"))
         elif role == "user" and user is None:
             user, index = m, i
         else:
@@ -154,8 +162,19 @@ def _sampling(body: dict[str, Any]) -> tuple[float | None, int | None]:
     return (None if temperature is None else float(temperature)), limit
 
 
-def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatRequest:
-    """Validate a JSON chat-completions body; raise :class:`RequestError` naming what is wrong."""
+def parse_chat_request(
+    body: object,
+    model: str,
+    max_file_bytes: int,
+    *,
+    header_session: str | None = None,
+    client_history: bool = False,
+    max_files: int = 16,
+) -> ChatRequest:
+    """Validate a JSON chat-completions body; raise :class:`RequestError` naming what is wrong.
+
+    ``header_session`` is the X-Session-Id header's id (already checked), used when the body
+    names none; ``client_history`` is api.clientHistory "accept"."""
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object.")
     check_model(body.get("model"), model)
@@ -167,13 +186,24 @@ def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatReq
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     temperature, max_tokens = _sampling(body)
-    instructions, index, user = _split_messages(body.get("messages"))
-    text, files = _user_content(user.get("content"), f"messages[{index}].content", max_file_bytes)
+    given = body.get("session_id") or header_session  # the body's session_id wins
+    session_id = check_session_id(body.get("session_id"), header_session or "default")
+    messages = body.get("messages")
+    if client_history and _resent(messages, given is not None):
+        from nanobot.gateway.conversation import parse_conversation  # (only this mode needs it)
+
+        conv = parse_conversation(messages, max_file_bytes, max_files)  # type: ignore[arg-type]
+        return ChatRequest(
+            conv.text, session_id, stream, include_usage, temperature, max_tokens,
+            conv.instructions, conv.files, conv.history,
+        )  # fmt: skip
+    instructions, index, user = _split_messages(messages)
+    text, files = user_content(user.get("content"), f"messages[{index}].content", max_file_bytes)
     if not text.strip() and not files:
         raise RequestError("the user message is empty", param="messages")
     return ChatRequest(
         text=text,
-        session_id=check_session_id(body.get("session_id")),
+        session_id=session_id,
         stream=stream,
         include_usage=include_usage,
         temperature=temperature,
@@ -181,3 +211,15 @@ def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatReq
         instructions=instructions,
         files=files,
     )
+
+
+def _resent(messages: object, session_given: bool) -> bool:
+    """Whether ``messages`` is a conversation to run as sent (api.clientHistory "accept"): more
+    than one non-instruction message, or any request that names no session (a chat UI's first
+    message must not continue the shared ``default`` session of every other client)."""
+    if not isinstance(messages, list) or not messages:
+        return False
+    if not session_given:
+        return True
+    said = [m for m in messages if not (isinstance(m, dict) and m.get("role") in ("system", "developer"))]
+    return len(said) > 1

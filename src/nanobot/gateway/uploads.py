@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from nanobot.attachments import AttachmentLimits, compose_user_input, prepare_file
+from nanobot.attachments import AttachmentLimits, PreparedFile, compose_user_input, prepare_file
 from nanobot.bus import InboundMessage
-from nanobot.gateway.requests import ChatRequest
+from nanobot.gateway.requests import ChatRequest, FileInput
 
 
 async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLimits) -> InboundMessage:
     """The :class:`InboundMessage` for an API request, its files sniffed, bounded and extracted."""
+    history = None if chat.history is None else await _history(chat, limits)
     if not chat.files:
         return InboundMessage(
             "api",
@@ -21,6 +23,7 @@ async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLi
             instructions=chat.instructions,
             temperature=chat.temperature,
             max_tokens=chat.max_tokens,
+            history=history,
         )
     prepared = await asyncio.gather(*(prepare_file(f.name, f.data, limits) for f in chat.files))
     user = compose_user_input(chat.text, prepared)
@@ -35,4 +38,29 @@ async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLi
         history_content=user.history,
         temperature=chat.temperature,
         max_tokens=chat.max_tokens,
+        history=history,
     )
+
+
+async def _history(chat: ChatRequest, limits: AttachmentLimits) -> tuple[dict[str, Any], ...]:
+    """A resent conversation as the model gets it: earlier users' files prepared like uploads
+    (documents' text appended, images as vision parts), all at once."""
+    assert chat.history is not None
+    files: list[FileInput] = [f for past in chat.history for f in past.files]
+    if not files:
+        return tuple(past.message for past in chat.history)
+    prepared = iter(await asyncio.gather(*(prepare_file(f.name, f.data, limits) for f in files)))
+    out: list[dict[str, Any]] = []
+    for past in chat.history:
+        if not past.files:
+            out.append(past.message)
+            continue
+        mine: list[PreparedFile] = [next(prepared) for _ in past.files]
+        user = compose_user_input(past.message["content"], mine)
+        content: object = user.content
+        if user.images:
+            parts: list[dict[str, Any]] = [{"type": "text", "text": user.content}] if user.content else []
+            parts.extend({"type": "image_url", "image_url": {"url": i.data_url}} for i in user.images)
+            content = parts
+        out.append({"role": "user", "content": content})
+    return tuple(out)
