@@ -22,6 +22,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestServer
 
 from nanobot.config import Config
+from nanobot.gateway import sse
 from nanobot.runtime import build_app
 
 from fake_llm import FakeLLM, Step, last_user_text
@@ -309,6 +310,32 @@ async def test_markdown_renders_and_html_in_replies_stays_text(
     copied = await page.evaluate("() => navigator.clipboard.readText()")
     assert copied == "<script>alert('in code')</script>"
     assert w.dialogs == []
+
+
+async def test_tool_progress_is_shown_while_the_agent_works(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """A tool the agent calls shows as a compact line (name, state, summary) before the answer ends."""
+    if not hasattr(sse, "tool_event"):
+        pytest.skip("this server sends no tool progress events yet (the tools issue)")
+    gate = asyncio.Event()
+    fake_llm.push(
+        Step(tool_calls=[("message", {"content": "Progress: 50%"})]),
+        Step(chunks=["All ", "done."], gate=gate),
+    )
+    w = await open_page(await start_gateway())
+    page = w.page
+    await send(page, "do the job")
+    tool = assistant(page).locator(".tools li")
+    await expect(tool).to_have_count(1)
+    await expect(tool.locator(".tool-name")).to_have_text("message")
+    await expect(tool).to_have_attribute("data-status", "finished")
+    await expect(assistant(page)).to_have_attribute("aria-busy", "true")  # still working
+    gate.set()
+    await expect(assistant(page).locator(".body")).to_contain_text("All done.")
+    await page.reload()
+    await page.wait_for_selector("body[data-ready]")
+    await expect(assistant(page).locator(".tools .tool-name")).to_have_text("message")
 
 
 async def test_api_key_is_asked_once_and_kept(
