@@ -192,6 +192,7 @@ async def test_answer_streams_in_and_enter_sends(
     assert last_user_text(fake_llm.requests[-1]) == "line one\nline two"
     await expect(w.page.locator(".msg.user").last).to_have_text("line one\nline two")
     await expect(box).to_have_value("")
+    assert w.console_errors == []
 
 
 async def test_stop_cancels_the_turn_upstream(
@@ -239,6 +240,7 @@ async def test_attached_files_reach_the_model(
     sent = str(fake_llm.requests[-1]["messages"])
     assert "The password is pineapple." in sent
     assert "Dropped: the meeting is on Tuesday." in sent
+    assert w.console_errors == []
 
 
 async def test_a_refused_file_shows_the_servers_error_next_to_it(
