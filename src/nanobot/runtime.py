@@ -23,7 +23,8 @@ from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.sessions import SessionStore
-from nanobot.tools import MessageTool, ToolRegistry
+from nanobot.tools import ToolRegistry
+from nanobot.tools.builtin import builtin_tools
 from nanobot.workspace import WorkspaceLock
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def build_app(config: Config) -> web.Application:
         )
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
-        tools = ToolRegistry([MessageTool()], config=config.tools)
+        tools = ToolRegistry(builtin_tools(config), config=config.tools)
         agent = AgentLoop(
             bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout, pressure=api
         )
