@@ -168,3 +168,12 @@ async def test_binary_file_is_not_read(gateway_url: str, fake_llm: FakeLLM, file
     assert await call_on(gateway_url, fake_llm, "read_file", {"path": "b.bin"}) == (
         "Error: b.bin is a binary file; read_file shows text only"
     )
+
+
+async def test_a_fifo_is_not_read(gateway_url: str, fake_llm: FakeLLM, files: Path) -> None:
+    """A named pipe in the folder is refused at once instead of hanging the read forever."""
+    os.mkfifo(files / "pipe")
+    assert (
+        await call_on(gateway_url, fake_llm, "read_file", {"path": "pipe"})
+        == "Error: pipe is not a regular file"
+    )

@@ -77,7 +77,9 @@ class FilesRoot:
             raise Refused("that is the files folder itself, not a file")
         with self.directory(parts[:-1]) as dir_fd:
             try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                # O_NONBLOCK: a FIFO put there (by exec) must not hang the thread; checked below
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+                fd = os.open(parts[-1], flags, dir_fd=dir_fd)
             except FileNotFoundError:
                 raise Refused(f"no such file: {'/'.join(parts)}") from None
             except OSError as exc:

@@ -229,7 +229,7 @@ class WebFetchTool(Tool):
         title = ""
         text = raw
         if ctype in ("text/html", "application/xhtml+xml") or (not ctype and "<html" in raw[:1000].lower()):
-            title, text = html_to_text(raw)
+            title, text = await asyncio.to_thread(html_to_text, raw)  # megabytes of HTML: CPU work
         head = [f"URL: {resp.url}", f"Status: {resp.status}"]
         if title:
             head.append(f"Title: {title}")
