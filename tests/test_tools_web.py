@@ -148,6 +148,10 @@ async def test_a_name_is_checked_after_dns(
         ("http://100.64.1.1/", "100.64.1.1 is a shared (CGNAT) address"),
         ("http://[::ffff:127.0.0.1]/", "::ffff:7f00:1 is a loopback address"),
         ("http://0.0.0.0/", "0.0.0.0 is an unspecified address"),
+        ("http://[::1]/", "::1 is a loopback address"),
+        ("http://224.0.0.1/", "224.0.0.1 is a multicast address"),
+        ("http://0x7f.1/", "0x7f.1 resolves to 127.0.0.1, which is a loopback address"),
+        ("http://127.0.0.1:80@10.0.0.1/", "10.0.0.1 is a private address"),
     ],
 )
 async def test_private_and_metadata_addresses_are_refused(
