@@ -31,6 +31,7 @@ class OutboundKind(StrEnum):
     REPLY = "reply"  # the final answer of a turn
     MESSAGE = "message"  # text sent by the `message` tool
     ERROR = "error"  # the turn failed; ``error`` says why
+    TOOL_PROGRESS = "tool_progress"  # a tool call started/finished/failed; ``metadata`` is the event
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,8 @@ class InboundMessage:
     history_content: str | None = None  # what the history keeps, when it differs from content
     temperature: float | None = None  # this turn only; None: the configured default
     max_tokens: int | None = None  # this turn only; None: the configured default
+    use_tools: bool = True  # False: this turn offers the model no tools (tool_choice "none")
+    response_format: dict[str, Any] | None = None  # this turn only: passed to the upstream as given
     metadata: dict[str, str] = field(default_factory=dict)
     # The earlier messages, in OpenAI chat format, when the client sent the conversation
     # (api.clientHistory "accept"): the turn runs on them instead of the session's history

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from nanobot.agent.loop import AgentLoop
-from nanobot.agent.tools import MessageTool, ToolRegistry
 from nanobot.attachments import shutdown_extractors
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
@@ -25,6 +24,8 @@ from nanobot.gateway.connections import make_runner, run_until
 from nanobot.gateway.sessions_api import SESSION_STORE
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.sessions import SessionStore
+from nanobot.tools import ToolRegistry
+from nanobot.tools.builtin import builtin_tools
 from nanobot.workspace import WorkspaceLock
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def build_app(config: Config) -> web.Application:
         app[SESSION_STORE].store = sessions  # the /v1/sessions routes
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
-        tools = ToolRegistry([MessageTool()])
+        tools = ToolRegistry(builtin_tools(config), config=config.tools)
         agent = AgentLoop(
             bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout, pressure=api
         )

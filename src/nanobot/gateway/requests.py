@@ -37,6 +37,7 @@ class ChatRequest:
     session_id: str
     stream: bool
     include_usage: bool
+    tool_events: bool  # stream_options.include_tool_events: nanobot.tool.progress events in the stream
     temperature: float | None = None
     max_tokens: int | None = None
     instructions: str = ""
@@ -44,6 +45,8 @@ class ChatRequest:
     # The conversation the client sent (api.clientHistory "accept"): the turn runs on it and
     # stores nothing. None: the server's session history is used.
     history: tuple[PastMessage, ...] | None = None
+    use_tools: bool = True  # False for tool_choice "none"
+    response_format: dict[str, Any] | None = None  # json_object / json_schema, for the upstream
 
 
 def check_session_id(value: object, default: str = "default") -> str:
@@ -150,6 +153,53 @@ def _split_messages(messages: object) -> tuple[str, int, dict[str, Any]]:
     return "\n\n".join(s for s in instructions if s), index, user
 
 
+_OWN_TOOLS = (
+    "This server runs its own tools (see its README); it does not take client-side tools. "
+    "Remove '{field}' from the request (tool_choice 'auto' or 'none' is accepted)."
+)
+
+
+def _use_tools(body: dict[str, Any]) -> bool:
+    """Whether the turn may use the server's tools; client-side tools are refused, not dropped:
+    a model offered them could call one, and the client would never see the call."""
+    tools = body.get("tools")
+    if tools is not None and tools != []:
+        raise RequestError(_OWN_TOOLS.format(field="tools"), param="tools")
+    choice = body.get("tool_choice")
+    if choice is None or choice == "auto":
+        return True
+    if choice == "none":
+        return False
+    raise RequestError(_OWN_TOOLS.format(field="tool_choice"), param="tools")
+
+
+def _response_format(value: object) -> dict[str, Any] | None:
+    """``response_format`` checked for shape (the upstream checks the schema itself)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(value, dict) or kind not in ("text", "json_object", "json_schema"):
+        raise RequestError(
+            "response_format must be an object whose type is 'text', 'json_object' or 'json_schema'",
+            param="response_format",
+        )
+    if kind == "text":
+        return None
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise RequestError(
+                "response_format.json_schema must be an object with a 'name' (and a 'schema')",
+                param="response_format.json_schema",
+            )
+        if "schema" in spec and not isinstance(spec["schema"], dict):
+            raise RequestError(
+                "response_format.json_schema.schema must be a JSON schema object",
+                param="response_format.json_schema.schema",
+            )
+    return value
+
+
 def _sampling(body: dict[str, Any]) -> tuple[float | None, int | None]:
     """The client's temperature and max_tokens for this turn, when they are sensible values
     (anything else is ignored, as other OpenAI fields are: the configured defaults apply)."""
@@ -185,7 +235,10 @@ def parse_chat_request(
         raise RequestError("stream must be a boolean", param="stream")
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    tool_events = isinstance(options, dict) and options.get("include_tool_events") is True
     temperature, max_tokens = _sampling(body)
+    use_tools = _use_tools(body)
+    response_format = _response_format(body.get("response_format"))
     given = body.get("session_id") or header_session  # the body's session_id wins
     session_id = check_session_id(body.get("session_id"), header_session or "default")
     messages = body.get("messages")
@@ -194,9 +247,19 @@ def parse_chat_request(
 
         conv = parse_conversation(messages, max_file_bytes, max_files)  # type: ignore[arg-type]
         return ChatRequest(
-            conv.text, session_id, stream, include_usage, temperature, max_tokens,
-            conv.instructions, conv.files, conv.history,
-        )  # fmt: skip
+            conv.text,
+            session_id,
+            stream,
+            include_usage,
+            tool_events,
+            temperature,
+            max_tokens,
+            conv.instructions,
+            conv.files,
+            conv.history,
+            use_tools,
+            response_format,
+        )
     instructions, index, user = _split_messages(messages)
     text, files = user_content(user.get("content"), f"messages[{index}].content", max_file_bytes)
     if not text.strip() and not files:
@@ -206,10 +269,13 @@ def parse_chat_request(
         session_id=session_id,
         stream=stream,
         include_usage=include_usage,
+        tool_events=tool_events,
         temperature=temperature,
         max_tokens=max_tokens,
         instructions=instructions,
         files=files,
+        use_tools=use_tools,
+        response_format=response_format,
     )
 
 

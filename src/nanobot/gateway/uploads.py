@@ -24,6 +24,8 @@ async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLi
             temperature=chat.temperature,
             max_tokens=chat.max_tokens,
             history=history,
+            use_tools=chat.use_tools,
+            response_format=chat.response_format,
         )
     prepared = await asyncio.gather(*(prepare_file(f.name, f.data, limits) for f in chat.files))
     user = compose_user_input(chat.text, prepared)
@@ -39,6 +41,8 @@ async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLi
         temperature=chat.temperature,
         max_tokens=chat.max_tokens,
         history=history,
+        use_tools=chat.use_tools,
+        response_format=chat.response_format,
     )
 
 
