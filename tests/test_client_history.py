@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,8 @@ import httpx
 import openai
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import MODEL
 from fake_llm import FakeLLM, Step
@@ -378,3 +381,65 @@ async def test_tool_results_may_come_in_any_order(accepting: str, fake_llm: Fake
     assert status == 200, data
     sent = fake_llm.requests[-1]["messages"]
     assert [m.get("tool_call_id") for m in sent if m["role"] == "tool"] == ["c2", "c1"]
+
+
+# -- "accept": fuzzing ---------------------------------------------------------------------------
+
+CALL_IDS = st.sampled_from(["c1", "c2", "", "c1 "]) | st.integers(0, 3) | st.none()
+CALL = st.fixed_dictionaries(
+    {"id": CALL_IDS},
+    optional={
+        "type": st.sampled_from(["function", "custom", 5]),
+        "function": st.fixed_dictionaries(
+            {},
+            optional={"name": st.sampled_from(["f", "", 3]), "arguments": st.sampled_from(["{}", "", {}, 7])},
+        )
+        | st.none(),
+    },
+)
+TURN = st.one_of(
+    st.fixed_dictionaries(
+        {"role": st.just("user"), "content": st.sampled_from(["q", "", [], [{"type": "text"}], 4])}
+    ),
+    st.fixed_dictionaries(
+        {"role": st.just("assistant")},
+        optional={
+            "content": st.sampled_from(["a", None, "", [{"type": "refusal", "refusal": "no"}], 1]),
+            "tool_calls": st.lists(CALL, max_size=3) | st.sampled_from([None, "x", {}]),
+        },
+    ),
+    st.fixed_dictionaries(
+        {"role": st.just("tool")},
+        optional={"tool_call_id": CALL_IDS, "content": st.sampled_from(["r", None, ["x"]])},
+    ),
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "developer", "function", "", None])},
+        optional={"content": st.sampled_from(["s", None, [{"type": "text", "text": "t"}]])},
+    ),
+    st.sampled_from([None, "user", 3, []]),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(messages=st.lists(TURN, max_size=6), last=st.booleans())
+async def test_random_conversations_get_clean_answers(
+    accepting: str, caplog: pytest.LogCaptureFixture, messages: list[object], last: bool
+) -> None:
+    """Whatever a resent conversation holds, the answer is a 200 or a 4xx OpenAI error naming
+    what is wrong: never a 5xx or a traceback."""
+    if last:
+        messages = [*messages, {"role": "user", "content": "go"}]
+    async with asyncio.timeout(20):
+        status, data = await post(accepting, {"messages": messages})
+    assert status < 500, data
+    if status >= 400:
+        assert set(data["error"]) == {"message", "type", "param", "code"}, data
+    else:
+        assert data["object"] == "chat.completion", data
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ async def test_pages_follow_the_after_cursor_without_gaps_or_repeats(gateway: st
         if not page["has_more"]:
             break
     assert seen == ["s4", "s3", "s2", "s1", "s0"]
+    _, first = await call("GET", f"{gateway}/v1/sessions?limit=2&after=")
+    assert [s["id"] for s in first["data"]] == ["s4", "s3"] and first["has_more"] is True
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=101", "limit=abc", "after=nobody", "after=%01x"])
@@ -301,3 +304,24 @@ async def test_a_bad_session_header_is_a_400(gateway: str, fake_llm: FakeLLM) ->
     status, data = await call("POST", f"{gateway}/v1/chat/completions", body, {"X-Session-Id": "x" * 129})
     assert status == 400 and data["error"]["param"] == "X-Session-Id", data
     assert fake_llm.requests == []
+
+
+async def test_a_database_from_a_newer_version_is_refused_at_start(tmp_path: Path) -> None:
+    """A sessions.db whose schema is newer than this nanobot knows stops start-up with one line
+    naming the file and why (exit 2), instead of writing rows that version would misread."""
+    workspace = tmp_path / "ws"
+    _old_database(workspace)
+    db = sqlite3.connect(workspace / "sessions.db")
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    cfg = tmp_path / "c.json"
+    cfg.write_bytes(orjson.dumps({"api": {"port": 1}, "agents": {"defaults": {"workspace": str(workspace)}}}))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nanobot", "serve", "-c", str(cfg),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2, lines
+    assert len(lines) == 1 and "sessions.db" in lines[0] and "newer nanobot (schema 99" in lines[0], lines

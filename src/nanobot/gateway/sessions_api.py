@@ -87,7 +87,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     """``GET /v1/sessions?limit=20&after=<id>``: the API's sessions, newest first, paginated."""
     query = request.query
     limit = _limit(query.get("limit"))
-    after = query.get("after")
+    after = query.get("after") or None  # (an empty cursor is the first page)
     after_key = None if after is None else PREFIX + _checked(after, "after")
     found = await _store(request).page(PREFIX, limit, after_key)
     if found is None:
