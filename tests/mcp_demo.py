@@ -1,0 +1,111 @@
+"""A real MCP server for the tests, written with the official SDK (``MCPServer``, v1's FastMCP).
+
+Run it as ``python tests/mcp_demo.py stdio|http [options]``:
+
+- ``--name N``: the server's name (its tools' descriptions say it, so tests can tell servers apart).
+- ``--pid-dir DIR``: write an empty file named after this process's pid into DIR at start.
+- ``--gate FIFO``: before serving, block until something is written to this named pipe.
+- ``--fail-times N --counter FILE``: exit 1 (before serving) on the first N starts, counted in FILE.
+
+In ``http`` mode it serves Streamable HTTP on 127.0.0.1 at a free port and prints ``PORT <n>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ImageContent, TextContent
+
+# A 1x1 PNG.
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360f8cfc0f01f0005000201a1a0e0c40000000049454e44ae426082"
+)
+
+
+def build(name: str) -> MCPServer:
+    """The demo server and its tools."""
+    server = MCPServer(name, log_level="WARNING")
+
+    @server.tool(description=f"Echo the text back ({name}).")
+    def echo(text: str) -> str:
+        return f"{name} says: {text}"
+
+    @server.tool(description="Return a tiny PNG image and a caption.")
+    def picture() -> list[TextContent | ImageContent]:
+        data = base64.b64encode(PNG).decode()
+        return [TextContent(type="text", text="a red dot"), ImageContent(type="image", data=data, mime_type="image/png")]
+
+    @server.tool(description="Always fails.")
+    def fail(reason: str = "broken") -> str:
+        raise ToolError(f"cannot do that: {reason}")
+
+    @server.tool(description="Sleep, then answer.")
+    async def slow(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done sleeping"
+
+    @server.tool(description="Exit the server process in the middle of the call.")
+    def crash() -> str:
+        os._exit(3)
+
+    @server.tool(description="Structured weather data.")
+    def weather(city: str) -> dict[str, object]:
+        return {"city": city, "celsius": 21}
+
+    @server.tool(description="A lot of text.")
+    def flood(chars: int) -> str:
+        return "x" * chars
+
+    return server
+
+
+def _gate_and_count(args: argparse.Namespace) -> None:
+    if args.counter:
+        counter = Path(args.counter)
+        starts = int(counter.read_text() or "0") if counter.exists() else 0
+        counter.write_text(str(starts + 1))
+        if starts < args.fail_times:
+            print(f"demo server: refusing start {starts + 1} of {args.fail_times}", file=sys.stderr)
+            sys.exit(1)
+    if args.pid_dir:
+        (Path(args.pid_dir) / str(os.getpid())).touch()
+    if args.gate:
+        with open(args.gate) as fifo:  # blocks until the test opens the pipe for writing
+            fifo.read()
+
+
+def main() -> None:
+    """Parse the options and serve."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("transport", choices=["stdio", "http"])
+    parser.add_argument("--name", default="demo")
+    parser.add_argument("--pid-dir")
+    parser.add_argument("--gate")
+    parser.add_argument("--fail-times", type=int, default=0)
+    parser.add_argument("--counter")
+    args = parser.parse_args()
+    _gate_and_count(args)
+    server = build(args.name)
+    if args.transport == "stdio":
+        server.run("stdio")
+        return
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    print(f"PORT {sock.getsockname()[1]}", flush=True)
+    config = uvicorn.Config(server.streamable_http_app(), log_level="warning", lifespan="on")
+    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+
+
+if __name__ == "__main__":
+    main()
