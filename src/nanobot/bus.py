@@ -31,6 +31,7 @@ class OutboundKind(StrEnum):
     REPLY = "reply"  # the final answer of a turn
     MESSAGE = "message"  # text sent by the `message` tool
     ERROR = "error"  # the turn failed; ``error`` says why
+    TOOL_PROGRESS = "tool_progress"  # a tool call started/finished/failed; ``metadata`` is the event
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,6 +139,57 @@ class ChannelsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebToolConfig:
+    """``web_fetch``: what it may reach and how much it reads."""
+
+    timeout: float = 20.0  # seconds for a whole fetch, redirects included
+    max_bytes: int = 2 * 1024 * 1024  # of a response body; past it the rest is not read
+    max_chars: int = 20_000  # text given to the model unless the call asks for less
+    # Private, loopback, link-local and metadata addresses are refused (checked after DNS, on
+    # every redirect): the server usually sits next to things the internet must not reach.
+    allow_private: bool = False
+    allowed_hosts: list[str] = field(default_factory=list)  # "host" or "host:port", allowed even if private
+
+
+@dataclass(frozen=True, slots=True)
+class FilesToolConfig:
+    """``read_file``/``write_file``/``edit_file``/``list_dir``, confined to ``<workspace>/files``."""
+
+    max_read_bytes: int = 1024 * 1024
+    max_write_bytes: int = 1024 * 1024
+    max_entries: int = 1000  # names one list_dir shows
+
+
+@dataclass(frozen=True, slots=True)
+class ExecToolConfig:
+    """``exec``: a shell command in ``<workspace>/files``. Off unless enabled: whoever can reach
+    the API (or the bot's chats) could otherwise run commands as this server's user."""
+
+    enable: bool = False
+    timeout: float = 60.0
+    max_output_chars: int = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChannelConfig:
+    """Per-channel tool choice: replaces ``tools.enabled`` for that channel."""
+
+    enabled: list[str] = field(default_factory=lambda: ["*"])
+
+
+@dataclass(frozen=True, slots=True)
+class ToolsConfig:
+    """The agent's tools: which are offered (names or ``fnmatch`` patterns), and each one's bounds."""
+
+    enabled: list[str] = field(default_factory=lambda: ["*"])
+    channels: dict[str, ToolChannelConfig] = field(default_factory=dict)
+    max_result_chars: int = 50_000  # of one tool result, before the model sees it
+    web: WebToolConfig = field(default_factory=WebToolConfig)
+    files: FilesToolConfig = field(default_factory=FilesToolConfig)
+    exec: ExecToolConfig = field(default_factory=ExecToolConfig)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole nanobot configuration."""
 
@@ -146,6 +197,7 @@ class Config:
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     warnings: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
 
     @property
@@ -377,6 +429,15 @@ def _check(config: Config) -> None:
         raise ConfigError("agents.defaults.model: must not be empty")
     if config.agents.defaults.max_tool_iterations < 1:
         raise ConfigError("agents.defaults.maxToolIterations: must be at least 1")
+    tools = config.tools
+    for key, bound in (
+        ("maxResultChars", tools.max_result_chars),
+        ("web.timeout", tools.web.timeout),
+        ("web.maxBytes", tools.web.max_bytes),
+        ("exec.timeout", tools.exec.timeout),
+    ):
+        if bound <= 0:
+            raise ConfigError(f"tools.{key}: must be greater than 0")
     config.provider()  # validates the provider choice
 
 

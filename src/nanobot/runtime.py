@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from nanobot.agent.loop import AgentLoop
-from nanobot.agent.tools import MessageTool, ToolRegistry
 from nanobot.attachments import shutdown_extractors
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
@@ -24,6 +23,7 @@ from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.sessions import SessionStore
+from nanobot.tools import MessageTool, ToolRegistry
 from nanobot.workspace import WorkspaceLock
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def build_app(config: Config) -> web.Application:
         )
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
-        tools = ToolRegistry([MessageTool()])
+        tools = ToolRegistry([MessageTool()], config=config.tools)
         agent = AgentLoop(
             bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout, pressure=api
         )

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
-from nanobot.agent.tools import ToolContext, ToolRegistry
 from nanobot.bus import InboundKind, InboundMessage, MessageBus, OutboundKind, OutboundMessage, Usage
 from nanobot.config import AgentDefaults
 from nanobot.errors import ContextLengthError, NanobotError, ProviderError, TurnTimeoutError
@@ -22,6 +21,7 @@ from nanobot.providers.base import LLMResponse
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.providers.sse import DeltaCallback
 from nanobot.sessions import ChatMessage, SessionStore
+from nanobot.tools import ToolContext, ToolRegistry, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +189,18 @@ class AgentLoop:
             }
             messages.append(call_msg)
             new.append(call_msg)
+            images: list[tuple[str, ToolResult]] = []
             for call in resp.tool_calls:
                 result = await self._tools.execute(call, ctx)
-                tool_msg: ChatMessage = {"role": "tool", "tool_call_id": call.id, "content": result}
+                tool_msg: ChatMessage = {"role": "tool", "tool_call_id": call.id, "content": result.text}
                 messages.append(tool_msg)
                 new.append(tool_msg)
+                if result.images:
+                    images.append((call.name, result))
+            if images:  # after every tool message: a tool message cannot carry images, nor be split
+                live, stored = _images_message(images)
+                messages.append(live)
+                new.append(stored)
         answer = f"(stopped after {limit} tool iterations without a final answer)"
         if on_delta is not None:
             await _relay(on_delta, answer)
@@ -222,7 +229,7 @@ class AgentLoop:
             try:
                 return await self._provider.chat(
                     prompt.messages,
-                    tools=self._tools.definitions,
+                    tools=self._tools.definitions(msg.channel),
                     max_tokens=msg.max_tokens or defaults.max_tokens,
                     temperature=defaults.temperature if msg.temperature is None else msg.temperature,
                     on_delta=on_delta,
@@ -232,6 +239,19 @@ class AgentLoop:
                 if prompt.trimmed or not prompt.drop_oldest_turns():
                     raise ContextLengthError(_too_long(exc, had_history)) from exc
                 log.info("context length exceeded on %s: retrying without the oldest turns", msg.session_key)
+
+
+def _images_message(results: list[tuple[str, ToolResult]]) -> tuple[ChatMessage, ChatMessage]:
+    """The tools' images as a user message for the model, and as the history keeps it (placeholders,
+    like uploaded images: the pictures themselves are for this turn only)."""
+    parts: list[dict[str, Any]] = []
+    names: list[str] = []
+    for tool, result in results:
+        parts.append({"type": "text", "text": f"(images returned by the tool {tool})"})
+        for image in result.images:
+            parts.append({"type": "image_url", "image_url": {"url": image.data_url}})
+            names.append(f"[image: {image.name or tool}]")
+    return {"role": "user", "content": parts}, {"role": "user", "content": " ".join(names)}
 
 
 async def _relay(on_delta: DeltaCallback, text: str) -> None:

@@ -26,12 +26,27 @@ STREAM_BOUND = 256 * 1024
 class Reply:
     """What the agent has said to one waiting request and the request has not yet taken."""
 
-    __slots__ = ("_chars", "_loop", "_room", "_waiter", "end", "keepalive_due", "pieces", "refused", "stream")
+    __slots__ = (
+        "_chars",
+        "_loop",
+        "_room",
+        "_waiter",
+        "end",
+        "events",
+        "keepalive_due",
+        "pieces",
+        "refused",
+        "stream",
+        "tool_events",
+    )
 
-    def __init__(self, stream: bool) -> None:
+    def __init__(self, stream: bool, tool_events: bool = False) -> None:
         self._loop = asyncio.get_running_loop()
         self.stream = stream
+        self.tool_events = stream and tool_events  # the request asked for tool progress events
         self.pieces: list[str] = []  # text not yet taken, oldest first
+        # tool progress events not yet taken, each with len(pieces) when it came (its place in the text)
+        self.events: list[tuple[int, dict[str, str]]] = []
         self._chars = 0
         self.end: OutboundMessage | None = None  # the REPLY or ERROR that ends the turn
         self.refused: NanobotError | None = None  # ended by the server (shutdown), not by the turn
@@ -49,6 +64,10 @@ class Reply:
             text = msg.content + "\n\n" if self.stream else msg.content
             self.pieces.append(text)
             self._chars += len(text)
+        elif kind is OutboundKind.TOOL_PROGRESS:
+            if not self.tool_events:
+                return  # not asked for: the stream stays exactly OpenAI's
+            self.events.append((len(self.pieces), msg.metadata))
         elif self.end is None:
             self.end = msg
         self._wake()
@@ -73,7 +92,7 @@ class Reply:
         if self.end is not None or self.refused is not None:
             return True
         # A stream writes text and keep-alives as they come; a JSON answer waits for the end.
-        return self.stream and (bool(self.pieces) or self.keepalive_due)
+        return self.stream and (bool(self.pieces) or bool(self.events) or self.keepalive_due)
 
     async def wait(self) -> None:
         """Wait until there is something to write: text or a keep-alive (streams), or the end."""
@@ -83,6 +102,12 @@ class Reply:
                 await self._waiter
             finally:
                 self._waiter = None
+
+    def take_events(self) -> list[tuple[int, dict[str, str]]]:
+        """The pending tool events with their places in the pending text; call before :meth:`take`."""
+        events = self.events
+        self.events = []
+        return events
 
     def take(self) -> list[str]:
         """The pending text, oldest first; the agent may go on producing."""
@@ -180,11 +205,11 @@ class ApiChannel(Channel):
             reply.refuse(_cut_short())
         return self._admitted
 
-    def open(self, request_id: str, stream: bool = False) -> Reply:
+    def open(self, request_id: str, stream: bool = False, tool_events: bool = False) -> Reply:
         """Register a request; the agent's output for it collects in the returned :class:`Reply`."""
         if self._ended:
             raise _cut_short()
-        reply = self._waiting[request_id] = Reply(stream)
+        reply = self._waiting[request_id] = Reply(stream, tool_events)
         return reply
 
     def close(self, request_id: str) -> None:

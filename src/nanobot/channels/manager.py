@@ -39,6 +39,7 @@ ChannelFactory = Callable[[Config, MessageBus], Channel | None]
 CHANNEL_FACTORIES: tuple[ChannelFactory, ...] = (TelegramChannel.from_config, DiscordChannel.from_config)
 
 SHUTTING_DOWN = DeliveryReceipt("queued", "nanobot is shutting down; it will be sent after restart")
+_API_ONLY = frozenset({OutboundKind.DELTA, OutboundKind.TOOL_PROGRESS})
 APOLOGY = "Sorry, something went wrong while answering. Please try again in a moment."
 
 
@@ -156,7 +157,7 @@ class ChannelManager:
         leftovers = self._intake + [
             m
             for m in self._bus.drain_outbound()
-            if m.channel != self._api.name and m.kind != OutboundKind.DELTA
+            if m.channel != self._api.name and m.kind not in _API_ONLY
         ]
         self._intake = []
         if leftovers and self._store.is_open:
@@ -190,8 +191,8 @@ class ChannelManager:
 
     def dispatch(self, msg: OutboundMessage) -> None:
         """Hand one platform message to the outbox (never awaits: the intake task commits it)."""
-        if msg.kind == OutboundKind.DELTA:
-            return  # streaming pieces are for the API only; the REPLY carries the full text
+        if msg.kind in _API_ONLY:
+            return  # streaming pieces and tool progress are for the API only; the REPLY carries the text
         self._intake.append(msg)
         self._intake_ready.set()
         self._idle.clear()

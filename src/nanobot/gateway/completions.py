@@ -18,7 +18,7 @@ from nanobot.gateway.errors import REQUEST_ID
 from nanobot.gateway.ids import new_id
 from nanobot.gateway.multipart import form_stream, read_multipart
 from nanobot.gateway.requests import ChatRequest, FileInput, check_model, check_session_id, parse_chat_request
-from nanobot.gateway.sse import DONE, KEEP_ALIVE, ChunkWriter, error_event
+from nanobot.gateway.sse import DONE, KEEP_ALIVE, ChunkWriter, error_event, tool_event
 from nanobot.gateway.state import STATE, GatewayState
 from nanobot.gateway.uploads import build_inbound
 
@@ -43,6 +43,7 @@ def _form_request(fields: dict[str, str], files: tuple[FileInput, ...], model: s
         session_id=check_session_id(fields.get("session_id")),
         stream=form_stream(fields.get("stream")),
         include_usage=False,
+        tool_events=False,
         instructions=fields.get("system", ""),
         files=files,
     )
@@ -108,7 +109,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         # Replies are routed by our own id: a client may send the same x-request-id twice.
         turn = new_id("turn_")
         msg = await build_inbound(chat, turn, state.limits)
-        reply = api.open(turn, chat.stream)
+        reply = api.open(turn, chat.stream, chat.tool_events)
         state.bus.publish_inbound(msg)
         finished = False
         try:
@@ -255,6 +256,20 @@ async def _stream(
         pacer.cancel()
 
 
+def _with_events(
+    frames: list[bytes], writer: ChunkWriter, events: list[tuple[int, dict[str, str]]], pieces: list[str]
+) -> None:
+    """Text and tool events in the order the agent said them."""
+    done = 0
+    for at, event in events:
+        if at > done:
+            frames.append(writer.content("".join(pieces[done:at])))
+            done = at
+        frames.append(tool_event(event))
+    if done < len(pieces):
+        frames.append(writer.content("".join(pieces[done:])))
+
+
 async def _relay(
     resp: web.StreamResponse, writer: ChunkWriter, chat: ChatRequest, reply: Reply, pacer: _Pacer
 ) -> bool:
@@ -263,7 +278,9 @@ async def _relay(
         # Everything said since the last write goes out as one chunk: under load, or to a
         # slow reader, consecutive deltas coalesce instead of queueing frame by frame.
         frames: list[bytes] = []
-        if reply.pieces:
+        if reply.events:
+            _with_events(frames, writer, reply.take_events(), reply.take())
+        elif reply.pieces:
             frames.append(writer.content("".join(reply.take())))
         elif reply.keepalive_due:
             frames.append(KEEP_ALIVE)

@@ -32,6 +32,7 @@ class ChatRequest:
     session_id: str
     stream: bool
     include_usage: bool
+    tool_events: bool  # stream_options.include_tool_events: nanobot.tool.progress events in the stream
     temperature: float | None = None
     max_tokens: int | None = None
     instructions: str = ""
@@ -166,6 +167,7 @@ def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatReq
         raise RequestError("stream must be a boolean", param="stream")
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    tool_events = isinstance(options, dict) and options.get("include_tool_events") is True
     temperature, max_tokens = _sampling(body)
     instructions, index, user = _split_messages(body.get("messages"))
     text, files = _user_content(user.get("content"), f"messages[{index}].content", max_file_bytes)
@@ -176,6 +178,7 @@ def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatReq
         session_id=check_session_id(body.get("session_id")),
         stream=stream,
         include_usage=include_usage,
+        tool_events=tool_events,
         temperature=temperature,
         max_tokens=max_tokens,
         instructions=instructions,

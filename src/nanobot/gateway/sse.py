@@ -64,3 +64,8 @@ class ChunkWriter:
 def error_event(exc: NanobotError) -> bytes:
     """A failure after the stream began: one error event (then the stream closes, no [DONE])."""
     return b"data: " + orjson.dumps(error_body(exc)) + b"\n\n"
+
+
+def tool_event(event: dict[str, str]) -> bytes:
+    """A ``nanobot.tool.progress`` event (only for streams that asked: the SDKs reject unknown events)."""
+    return b"event: nanobot.tool.progress\ndata: " + orjson.dumps(event) + b"\n\n"
