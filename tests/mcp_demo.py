@@ -6,23 +6,22 @@ Run it as ``python tests/mcp_demo.py stdio|http [options]``:
 - ``--pid-dir DIR``: write an empty file named after this process's pid into DIR at start.
 - ``--gate FIFO``: before serving, block until something is written to this named pipe.
 - ``--fail-times N --counter FILE``: exit 1 (before serving) on the first N starts, counted in FILE.
+- ``--fail-while FILE``: exit 1 (before serving) while FILE exists.
 
 In ``http`` mode it serves Streamable HTTP on 127.0.0.1 at a free port and prints ``PORT <n>``.
 """
 
-from __future__ import annotations
-
 import argparse
-import base64
 import asyncio
+import base64
 import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ImageContent, TextContent
+if TYPE_CHECKING:
+    from mcp.server.mcpserver import MCPServer
 
 # A 1x1 PNG.
 PNG = bytes.fromhex(
@@ -31,8 +30,13 @@ PNG = bytes.fromhex(
 )
 
 
-def build(name: str) -> MCPServer:
+def build(name: str) -> "MCPServer":
     """The demo server and its tools."""
+    # Imported here: a start that is refused (--fail-*) exits before paying for the SDK's import.
+    from mcp.server.mcpserver import Context, MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
+    from mcp.types import CallToolResult, ImageContent, TextContent
+
     server = MCPServer(name, log_level="WARNING")
 
     @server.tool(description=f"Echo the text back ({name}).")
@@ -42,7 +46,10 @@ def build(name: str) -> MCPServer:
     @server.tool(description="Return a tiny PNG image and a caption.")
     def picture() -> list[TextContent | ImageContent]:
         data = base64.b64encode(PNG).decode()
-        return [TextContent(type="text", text="a red dot"), ImageContent(type="image", data=data, mime_type="image/png")]
+        return [
+            TextContent(type="text", text="a red dot"),
+            ImageContent(type="image", data=data, mime_type="image/png"),
+        ]
 
     @server.tool(description="Always fails.")
     def fail(reason: str = "broken") -> str:
@@ -57,9 +64,14 @@ def build(name: str) -> MCPServer:
     def crash() -> str:
         os._exit(3)
 
-    @server.tool(description="Structured weather data.")
-    def weather(city: str) -> dict[str, object]:
-        return {"city": city, "celsius": 21}
+    @server.tool(description="Structured weather data (no text content).")
+    def weather(city: str) -> CallToolResult:
+        return CallToolResult(content=[], structured_content={"city": city, "celsius": 21})
+
+    @server.tool(description="The X-Demo header of the HTTP request that called this tool.")
+    def header(ctx: Context) -> str:  # type: ignore[type-arg]
+        request = ctx.request_context.request
+        return str(request.headers.get("x-demo")) if request is not None else "no HTTP request"
 
     @server.tool(description="A lot of text.")
     def flood(chars: int) -> str:
@@ -76,6 +88,9 @@ def _gate_and_count(args: argparse.Namespace) -> None:
         if starts < args.fail_times:
             print(f"demo server: refusing start {starts + 1} of {args.fail_times}", file=sys.stderr)
             sys.exit(1)
+    if args.fail_while and Path(args.fail_while).exists():
+        print(f"demo server: refusing to start while {args.fail_while} exists", file=sys.stderr)
+        sys.exit(1)
     if args.pid_dir:
         (Path(args.pid_dir) / str(os.getpid())).touch()
     if args.gate:
@@ -92,6 +107,7 @@ def main() -> None:
     parser.add_argument("--gate")
     parser.add_argument("--fail-times", type=int, default=0)
     parser.add_argument("--counter")
+    parser.add_argument("--fail-while")
     args = parser.parse_args()
     _gate_and_count(args)
     server = build(args.name)
