@@ -7,6 +7,8 @@ Run it as ``python tests/mcp_demo.py stdio|http [options]``:
 - ``--gate FIFO``: before serving, block until something is written to this named pipe.
 - ``--fail-times N --counter FILE``: exit 1 (before serving) on the first N starts, counted in FILE.
 - ``--fail-while FILE``: exit 1 (before serving) while FILE exists.
+- ``--linger``: keep a non-daemon thread alive, so the process outlives the end of its stdin
+  (as servers with background workers do): only a signal ends it.
 
 In ``http`` mode it serves Streamable HTTP on 127.0.0.1 at a free port and prints ``PORT <n>``.
 """
@@ -17,6 +19,7 @@ import base64
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,6 +94,8 @@ def _gate_and_count(args: argparse.Namespace) -> None:
     if args.fail_while and Path(args.fail_while).exists():
         print(f"demo server: refusing to start while {args.fail_while} exists", file=sys.stderr)
         sys.exit(1)
+    if args.linger:
+        threading.Thread(target=threading.Event().wait, name="linger").start()
     if args.pid_dir:
         (Path(args.pid_dir) / str(os.getpid())).touch()
     if args.gate:
@@ -108,6 +113,7 @@ def main() -> None:
     parser.add_argument("--fail-times", type=int, default=0)
     parser.add_argument("--counter")
     parser.add_argument("--fail-while")
+    parser.add_argument("--linger", action="store_true")
     args = parser.parse_args()
     _gate_and_count(args)
     server = build(args.name)
