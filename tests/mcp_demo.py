@@ -39,6 +39,7 @@ def build(name: str) -> "MCPServer":
     from mcp.server.mcpserver import Context, MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
     from mcp.types import CallToolResult, ImageContent, TextContent
+    from pydantic import BaseModel
 
     server = MCPServer(name, log_level="WARNING")
 
@@ -75,6 +76,22 @@ def build(name: str) -> "MCPServer":
     def header(ctx: Context) -> str:  # type: ignore[type-arg]
         request = ctx.request_context.request
         return str(request.headers.get("x-demo")) if request is not None else "no HTTP request"
+
+    class Trip(BaseModel):
+        city: str
+        days: int
+
+    class Plan(BaseModel):
+        trips: list[Trip]
+
+    # A dotted name, and an argument whose schema uses $defs/$ref (pydantic's nested models).
+    @server.tool(name="plan.trip", description="Plan trips.")
+    def plan_trip(plan: Plan) -> str:
+        return f"{len(plan.trips)} trip(s), first to {plan.trips[0].city} for {plan.trips[0].days} days"
+
+    @server.tool(name="a_tool_whose_name_is_far_too_long_for_a_model_provider_to_accept_as_is")
+    def long_name() -> str:
+        return "long"
 
     @server.tool(description="A lot of text.")
     def flood(chars: int) -> str:

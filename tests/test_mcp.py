@@ -3,6 +3,7 @@ scripted upstream that calls their tools, and what the model receives back."""
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,6 +15,9 @@ import orjson
 import pytest
 
 from mcp_support import LogWatch, http_server, stdio_server, watch_mcp_log
+from nanobot.config import parse_config
+from nanobot.errors import ConfigError
+from nanobot.redact import config_secrets
 
 from conftest import MODEL
 from fake_llm import FakeLLM, Step
@@ -198,3 +202,59 @@ async def test_enabled_tools_limits_what_is_offered(start: Start, fake_llm: Fake
         "mcp_demo_echo",
         "mcp_demo_picture",
     ]
+
+
+async def test_names_and_schemas_are_made_acceptable_to_providers(
+    start: Start, fake_llm: FakeLLM, log: LogWatch
+) -> None:
+    """Dotted, over-long and colliding names become unique [A-Za-z0-9_-]{1,64}; $ref schemas are inlined."""
+    client = await start({"x.y": stdio_server("--name", "dotted"), "x_y": stdio_server("--name", "plain")})
+    await log.wait_for("MCP server x.y is up")
+    await log.wait_for("MCP server x_y is up")
+    await ask(client)
+    tools = offered(fake_llm.requests[-1])
+    names = [n for n in tools if n.startswith("mcp_")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", n) for n in names) and len(set(names)) == len(names) == 20
+    assert "mcp_x_y_echo" in names and "mcp_x_y_plan_trip" in names
+    (other_echo,) = [n for n in names if n.startswith("mcp_x_y_echo_")]  # the second server's, hashed
+    plan = tools["mcp_x_y_plan_trip"]["parameters"]
+    assert "$ref" not in orjson.dumps(plan).decode() and "$defs" not in plan
+    trip = plan["properties"]["plan"]["properties"]["trips"]["items"]
+    assert trip["required"] == ["city", "days"]
+    assert await call_once(client, fake_llm, "mcp_x_y_echo", {"text": "a"}) == "dotted says: a"
+    assert await call_once(client, fake_llm, other_echo, {"text": "b"}) == "plain says: b"
+    args = {"plan": {"trips": [{"city": "Rome", "days": 3}]}}
+    assert (
+        await call_once(client, fake_llm, "mcp_x_y_plan_trip", args) == "1 trip(s), first to Rome for 3 days"
+    )
+
+
+async def test_server_secrets_are_redacted(start: Start, fake_llm: FakeLLM, log: LogWatch) -> None:
+    """headers and env of an MCP server are secrets: kept out of reprs, and of error texts quoting them."""
+    secret = "mcp-env-token-0123456789"
+    client = await start({"demo": stdio_server(env={"DEMO_TOKEN": secret}, headers={})})
+    await log.wait_for("MCP server demo is up")
+    text = await call_once(client, fake_llm, "mcp_demo_fail", {"reason": f"token {secret} refused"})
+    assert text == "Error: fail failed: Error executing tool fail: cannot do that: token [redacted] refused"
+    config = parse_config(
+        {"tools": {"mcpServers": {"h": {"url": "http://127.0.0.1:1/mcp", "headers": {"A": secret}}}}}
+    )
+    assert secret in config_secrets(config) and secret not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ({}, "tools.mcpServers.s: give either command (a stdio server) or url (an HTTP server)"),
+        ({"command": "x", "url": "http://h/mcp"}, "tools.mcpServers.s: give either command"),
+        ({"url": "ftp://h/mcp"}, "tools.mcpServers.s.url: expected a URL starting with http://"),
+        ({"url": "http://h/sse", "type": "sse"}, "(the old SSE transport is not supported)"),
+        ({"command": "x", "type": "streamableHttp"}, "tools.mcpServers.s: type streamableHttp needs url"),
+        ({"command": "x", "toolTimeout": 0}, "tools.mcpServers.s.toolTimeout: must be greater than 0"),
+    ],
+)
+def test_bad_server_config_is_one_clear_error(server: dict[str, Any], message: str) -> None:
+    """A server entry that cannot work is refused at start with the key that is wrong."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"tools": {"mcpServers": {"s": server}}})
+    assert message in caught.value.message

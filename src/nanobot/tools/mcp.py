@@ -34,6 +34,7 @@ from nanobot import __version__
 from nanobot.channels.lifecycle import RetryPolicy
 from nanobot.config import McpServerConfig
 from nanobot.errors import NanobotError
+from nanobot.redact import redact
 from nanobot.tools.base import Tool, ToolContext, ToolResult
 from nanobot.tools.mcp_result import convert
 from nanobot.tools.mcp_schema import describe, normalize_schema, tool_names
@@ -157,7 +158,7 @@ class McpServer:
             if isinstance(exc, TimeoutError) or exc.code == mcp_types.REQUEST_TIMEOUT:
                 return _error(f"{remote} on MCP server {self.name} timed out after {timeout:g}s")
             if exc.code != mcp_types.CONNECTION_CLOSED:
-                return _error(f"{remote} on MCP server {self.name} failed: {_one_line(exc.message)}")
+                return _error(f"{remote} on MCP server {self.name} failed: {redact(_one_line(exc.message))}")
             self._lost(session)
             return _error(f"MCP server {self.name} stopped during the call; it is being restarted")
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):

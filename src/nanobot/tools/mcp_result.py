@@ -17,6 +17,7 @@ import mcp.types as mcp_types
 import orjson
 
 from nanobot.bus import ImageInput
+from nanobot.redact import redact
 from nanobot.tools.base import ToolResult
 
 MAX_IMAGES = 4  # per result
@@ -52,8 +53,9 @@ def convert(result: mcp_types.CallToolResult, server: str, tool: str) -> ToolRes
     ):
         parts.append(orjson.dumps(result.structured_content).decode())
     text = "\n".join(p for p in parts if p)
-    if result.is_error:
-        return ToolResult(f"Error: {tool} failed: {text or 'no details given'}", tuple(images), is_error=True)
+    if result.is_error:  # an error text may quote a configured secret (a token the server refused)
+        text = redact(text or "no details given")
+        return ToolResult(f"Error: {tool} failed: {text}", tuple(images), is_error=True)
     if not text and not images:
         text = "(the tool returned nothing)"
     return ToolResult(text, tuple(images))
