@@ -47,13 +47,17 @@ def build(name: str) -> "MCPServer":
     def echo(text: str) -> str:
         return f"{name} says: {text}"
 
-    @server.tool(description="Return a tiny PNG image and a caption.")
-    def picture() -> list[TextContent | ImageContent]:
-        data = base64.b64encode(PNG).decode()
-        return [
-            TextContent(type="text", text="a red dot"),
-            ImageContent(type="image", data=data, mime_type="image/png"),
-        ]
+    @server.tool(description="Return tiny PNG images (or text claiming to be one) and a caption.")
+    def picture(count: int = 1, bogus: bool = False) -> list[TextContent | ImageContent]:
+        data = base64.b64encode(b"not an image at all" if bogus else PNG).decode()
+        image = ImageContent(type="image", data=data, mime_type="image/png")
+        return [TextContent(type="text", text="a red dot"), *[image] * count]
+
+    @server.tool(description="Add a tool named grown, and tell the client the tool list changed.")
+    async def grow(ctx: Context) -> str:  # type: ignore[type-arg]
+        server.add_tool(lambda: "grown up", name="grown", description="Added at run time.")
+        await ctx.request_context.session.send_tool_list_changed()
+        return "grew"
 
     @server.tool(description="Always fails.")
     def fail(reason: str = "broken") -> str:

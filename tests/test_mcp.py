@@ -214,7 +214,7 @@ async def test_names_and_schemas_are_made_acceptable_to_providers(
     await ask(client)
     tools = offered(fake_llm.requests[-1])
     names = [n for n in tools if n.startswith("mcp_")]
-    assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", n) for n in names) and len(set(names)) == len(names) == 20
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", n) for n in names) and len(set(names)) == len(names) == 22
     assert "mcp_x_y_echo" in names and "mcp_x_y_plan_trip" in names
     (other_echo,) = [n for n in names if n.startswith("mcp_x_y_echo_")]  # the second server's, hashed
     plan = tools["mcp_x_y_plan_trip"]["parameters"]
@@ -258,3 +258,31 @@ def test_bad_server_config_is_one_clear_error(server: dict[str, Any], message: s
     with pytest.raises(ConfigError) as caught:
         parse_config({"tools": {"mcpServers": {"s": server}}})
     assert message in caught.value.message
+
+
+async def test_a_server_that_changes_its_tools_is_listed_again(
+    start: Start, fake_llm: FakeLLM, log: LogWatch
+) -> None:
+    """notifications/tools/list_changed: the new tool is offered from the next model call on."""
+    client = await start({"demo": stdio_server()})
+    await log.wait_for("MCP server demo is up")
+    assert await call_once(client, fake_llm, "mcp_demo_grow", {}) == "grew"
+    await log.wait_for("MCP server demo changed its tools")
+    assert await call_once(client, fake_llm, "mcp_demo_grown", {}) == "grown up"
+    assert "mcp_demo_grown" in offered(fake_llm.requests[-1])
+
+
+async def test_results_are_bounded_before_the_model_sees_them(
+    start: Start, fake_llm: FakeLLM, log: LogWatch
+) -> None:
+    """Huge text is cut to tools.maxResultChars; at most 4 images pass, and only real images."""
+    relative = stdio_server(cwd=str(Path(__file__).parent), args=["mcp_demo.py", "stdio"])  # cwd is used
+    client = await start({"demo": relative})
+    await log.wait_for("MCP server demo is up")
+    flood = await call_once(client, fake_llm, "mcp_demo_flood", {"chars": 200_000})
+    assert flood.startswith("x" * 50_000) and "[truncated: the result has 200,000 characters" in flood
+    text = await call_once(client, fake_llm, "mcp_demo_picture", {"count": 6})
+    assert text.count("shown below") == 4 and text.count("only 4 images per tool result") == 2
+    bogus = await call_once(client, fake_llm, "mcp_demo_picture", {"bogus": True})
+    assert "[image omitted: not a PNG, JPEG, GIF or WebP image (declared image/png)]" in bogus
+    assert not any(isinstance(m["content"], list) for m in fake_llm.requests[-1]["messages"][-2:])

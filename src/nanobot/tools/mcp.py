@@ -86,53 +86,81 @@ class McpServer:
         self._on_change = on_change  # called (no arguments) when the listing appears or goes
         self._session: ClientSession | None = None
         self.listing: tuple[Listed, ...] = ()  # empty while down
-        self._stopping = False
-        self._wake = asyncio.Event()  # this connection is lost, or stop() was called
+        self._stopped = asyncio.Event()  # stop() was called
+        self._wake = asyncio.Event()  # the current connection needs attention: see the flags below
+        self._lost = False  # the current connection is gone
+        self._relist = False  # the server said its tools changed
 
     def stop(self) -> None:
         """Ask :meth:`run` to close the connection and return."""
-        self._stopping = True
+        self._stopped.set()
         self._wake.set()
 
     async def run(self) -> None:
         """Connect, stay connected, reconnect with backoff after a failure, until :meth:`stop`."""
         loop = asyncio.get_running_loop()
         attempts = 0
-        while not self._stopping:
+        while not self._stopped.is_set():
             began = loop.time()
             reason, was_up = await self._connect_once()
-            if self._stopping:
+            if self._stopped.is_set():
                 return
             attempts = 1 if was_up and loop.time() - began >= STABLE_SECONDS else attempts + 1
             wait = self._policy.delay(attempts, None)
             log.warning("MCP server %s %s; retrying in %.1fs", self.name, reason, wait)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
-                    await self._wake.wait()
+                    await self._stopped.wait()
 
     async def _connect_once(self) -> tuple[str, bool]:
         """One connection, from start to loss: why it ended, and whether it was ever up."""
-        self._wake = wake = asyncio.Event()
-        if self._stopping:
-            wake.set()
+        self._wake, self._lost, self._relist = asyncio.Event(), False, False
+        if self._stopped.is_set():
+            return "stopped", False
         up = False
         try:
             async with contextlib.AsyncExitStack() as stack:
                 read, write = await stack.enter_async_context(open_transport(self.config))
-                read = await _watch(stack, read, wake)
-                session = await stack.enter_async_context(ClientSession(read, write, client_info=_CLIENT))
+                read = await _watch(stack, read, self._mark_lost)
+                session = await stack.enter_async_context(
+                    ClientSession(read, write, client_info=_CLIENT, message_handler=self._on_message)
+                )
                 with anyio.fail_after(START_TIMEOUT):
                     await session.initialize()
                     listing = await _list_tools(session, self.name)
                 self._go_up(session, listing)
                 up = True
                 try:
-                    await wake.wait()
+                    await self._serve(session)
                 finally:
                     self._go_down()
             return "closed its connection" + (" (it exited)" if self.config.is_stdio else ""), up
         except Exception as exc:  # any failure of the server or its transport: one line, then retry
             return ("stopped working: " if up else "cannot start: ") + _cause(exc), up
+
+    async def _serve(self, session: ClientSession) -> None:
+        """Hold the connection until it is lost or stop() is called; re-list the tools when told."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stopped.is_set() or self._lost:
+                return
+            if self._relist:
+                self._relist = False
+                with anyio.fail_after(START_TIMEOUT):
+                    self.listing = await _list_tools(session, self.name)
+                log.info("MCP server %s changed its tools: %d tools", self.name, len(self.listing))
+                self._on_change()
+
+    async def _on_message(self, message: mcp_types.ServerNotification | Exception) -> None:
+        """The session's notifications: a changed tool list is listed again (by :meth:`_serve`)."""
+        if isinstance(message, mcp_types.ToolListChangedNotification):
+            self._relist = True
+            self._wake.set()
+
+    def _mark_lost(self) -> None:
+        self._lost = True
+        self._wake.set()
 
     def _go_up(self, session: ClientSession, listing: tuple[Listed, ...]) -> None:
         self._session = session
@@ -159,10 +187,10 @@ class McpServer:
                 return _error(f"{remote} on MCP server {self.name} timed out after {timeout:g}s")
             if exc.code != mcp_types.CONNECTION_CLOSED:
                 return _error(f"{remote} on MCP server {self.name} failed: {redact(_one_line(exc.message))}")
-            self._lost(session)
+            self._closed_under(session)
             return _error(f"MCP server {self.name} stopped during the call; it is being restarted")
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._lost(session)
+            self._closed_under(session)
             return _error(f"MCP server {self.name} stopped during the call; it is being restarted")
         except (pydantic.ValidationError, RuntimeError) as exc:  # a malformed or unexpected answer
             return _error(
@@ -170,10 +198,10 @@ class McpServer:
             )
         return convert(result, self.name, remote)
 
-    def _lost(self, session: ClientSession) -> None:
+    def _closed_under(self, session: ClientSession) -> None:
         """A call found ``session`` closed: reconnect (unless that already happened)."""
         if self._session is session:
-            self._wake.set()
+            self._mark_lost()
 
 
 class McpServers:
@@ -227,9 +255,9 @@ class McpServers:
 
 
 async def _watch(
-    stack: contextlib.AsyncExitStack, read: ReadStream[Any], lost: asyncio.Event
+    stack: contextlib.AsyncExitStack, read: ReadStream[Any], lost: Callable[[], None]
 ) -> ReadStream[Any]:
-    """Pass ``read`` on through a stream of our own, setting ``lost`` when the server's end closes.
+    """Pass ``read`` on through a stream of our own, calling ``lost`` when the server's end closes.
 
     The SDK's session notices a closed stream only by failing the requests waiting on it;
     this is how an idle server that exits is noticed at once.
@@ -245,7 +273,7 @@ async def _watch(
                     await send.send(item)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass  # the session is closing: nothing left to pass on
-        lost.set()
+        lost()
 
     group.start_soon(pump)
     return receive
