@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from nanobot.errors import NanobotError
@@ -93,6 +93,8 @@ class InboundMessage:
     history_content: str | None = None  # what the history keeps, when it differs from content
     temperature: float | None = None  # this turn only; None: the configured default
     max_tokens: int | None = None  # this turn only; None: the configured default
+    use_tools: bool = True  # False: this turn offers the model no tools (tool_choice "none")
+    response_format: dict[str, Any] | None = None  # this turn only: passed to the upstream as given
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property

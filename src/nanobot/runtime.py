@@ -23,7 +23,8 @@ from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.sessions import SessionStore
-from nanobot.tools import MessageTool, ToolRegistry
+from nanobot.tools import ToolRegistry
+from nanobot.tools.builtin import builtin_tools
 from nanobot.tools.mcp import McpServers
 from nanobot.workspace import WorkspaceLock
 
@@ -67,7 +68,7 @@ def build_app(config: Config) -> web.Application:
         )
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
-        tools = ToolRegistry([MessageTool()], sources=[mcp], config=config.tools)
+        tools = ToolRegistry(builtin_tools(config), sources=[mcp], config=config.tools)
         agent = AgentLoop(
             bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout, pressure=api
         )

@@ -24,6 +24,7 @@ from nanobot.sessions import ChatMessage, SessionStore
 from nanobot.tools import ToolContext, ToolRegistry, ToolResult
 
 log = logging.getLogger(__name__)
+_NO_TOOLS = ToolResult("Error: no tools are available in this turn (tool_choice none)", is_error=True)
 
 
 def user_message(msg: InboundMessage) -> tuple[ChatMessage, ChatMessage]:
@@ -191,7 +192,7 @@ class AgentLoop:
             new.append(call_msg)
             images: list[tuple[str, ToolResult]] = []
             for call in resp.tool_calls:
-                result = await self._tools.execute(call, ctx)
+                result = await self._tools.execute(call, ctx) if msg.use_tools else _NO_TOOLS
                 tool_msg: ChatMessage = {"role": "tool", "tool_call_id": call.id, "content": result.text}
                 messages.append(tool_msg)
                 new.append(tool_msg)
@@ -229,10 +230,11 @@ class AgentLoop:
             try:
                 return await self._provider.chat(
                     prompt.messages,
-                    tools=self._tools.definitions(msg.channel),
+                    tools=self._tools.definitions(msg.channel) if msg.use_tools else (),
                     max_tokens=msg.max_tokens or defaults.max_tokens,
                     temperature=defaults.temperature if msg.temperature is None else msg.temperature,
                     on_delta=on_delta,
+                    response_format=msg.response_format,
                 )
             except ContextLengthError as exc:
                 had_history = prompt.history_end > prompt.history_start

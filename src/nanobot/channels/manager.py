@@ -155,9 +155,7 @@ class ChannelManager:
     async def _keep_leftovers(self) -> None:
         """Commit what was taken in but not yet stored, so a clean shutdown loses nothing."""
         leftovers = self._intake + [
-            m
-            for m in self._bus.drain_outbound()
-            if m.channel != self._api.name and m.kind not in _API_ONLY
+            m for m in self._bus.drain_outbound() if m.channel != self._api.name and m.kind not in _API_ONLY
         ]
         self._intake = []
         if leftovers and self._store.is_open:

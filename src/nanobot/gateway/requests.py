@@ -37,6 +37,8 @@ class ChatRequest:
     max_tokens: int | None = None
     instructions: str = ""
     files: tuple[FileInput, ...] = ()
+    use_tools: bool = True  # False for tool_choice "none"
+    response_format: dict[str, Any] | None = None  # json_object / json_schema, for the upstream
 
 
 def check_session_id(value: object) -> str:
@@ -143,6 +145,53 @@ def _split_messages(messages: object) -> tuple[str, int, dict[str, Any]]:
     return "\n\n".join(s for s in instructions if s), index, user
 
 
+_OWN_TOOLS = (
+    "This server runs its own tools (see its README); it does not take client-side tools. "
+    "Remove '{field}' from the request (tool_choice 'auto' or 'none' is accepted)."
+)
+
+
+def _use_tools(body: dict[str, Any]) -> bool:
+    """Whether the turn may use the server's tools; client-side tools are refused, not dropped:
+    a model offered them could call one, and the client would never see the call."""
+    tools = body.get("tools")
+    if tools is not None and tools != []:
+        raise RequestError(_OWN_TOOLS.format(field="tools"), param="tools")
+    choice = body.get("tool_choice")
+    if choice is None or choice == "auto":
+        return True
+    if choice == "none":
+        return False
+    raise RequestError(_OWN_TOOLS.format(field="tool_choice"), param="tools")
+
+
+def _response_format(value: object) -> dict[str, Any] | None:
+    """``response_format`` checked for shape (the upstream checks the schema itself)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(value, dict) or kind not in ("text", "json_object", "json_schema"):
+        raise RequestError(
+            "response_format must be an object whose type is 'text', 'json_object' or 'json_schema'",
+            param="response_format",
+        )
+    if kind == "text":
+        return None
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise RequestError(
+                "response_format.json_schema must be an object with a 'name' (and a 'schema')",
+                param="response_format.json_schema",
+            )
+        if "schema" in spec and not isinstance(spec["schema"], dict):
+            raise RequestError(
+                "response_format.json_schema.schema must be a JSON schema object",
+                param="response_format.json_schema.schema",
+            )
+    return value
+
+
 def _sampling(body: dict[str, Any]) -> tuple[float | None, int | None]:
     """The client's temperature and max_tokens for this turn, when they are sensible values
     (anything else is ignored, as other OpenAI fields are: the configured defaults apply)."""
@@ -169,6 +218,8 @@ def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatReq
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     tool_events = isinstance(options, dict) and options.get("include_tool_events") is True
     temperature, max_tokens = _sampling(body)
+    use_tools = _use_tools(body)
+    response_format = _response_format(body.get("response_format"))
     instructions, index, user = _split_messages(body.get("messages"))
     text, files = _user_content(user.get("content"), f"messages[{index}].content", max_file_bytes)
     if not text.strip() and not files:
@@ -183,4 +234,6 @@ def parse_chat_request(body: object, model: str, max_file_bytes: int) -> ChatReq
         max_tokens=max_tokens,
         instructions=instructions,
         files=files,
+        use_tools=use_tools,
+        response_format=response_format,
     )

@@ -21,6 +21,8 @@ async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLi
             instructions=chat.instructions,
             temperature=chat.temperature,
             max_tokens=chat.max_tokens,
+            use_tools=chat.use_tools,
+            response_format=chat.response_format,
         )
     prepared = await asyncio.gather(*(prepare_file(f.name, f.data, limits) for f in chat.files))
     user = compose_user_input(chat.text, prepared)
@@ -35,4 +37,6 @@ async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLi
         history_content=user.history,
         temperature=chat.temperature,
         max_tokens=chat.max_tokens,
+        use_tools=chat.use_tools,
+        response_format=chat.response_format,
     )

@@ -110,11 +110,14 @@ class OpenAICompatProvider:
         max_tokens: int | None = None,
         temperature: float | None = None,
         on_delta: DeltaCallback | None = None,
+        response_format: dict[str, Any] | None = None,
     ) -> LLMResponse:
         """One chat-completions call; with ``on_delta`` it streams and relays text as it arrives."""
         body: dict[str, Any] = {"model": self._model, "messages": messages}
         if tools:
             body["tools"] = tools
+        if response_format is not None:
+            body["response_format"] = response_format  # structured output, as the client asked
         if max_tokens:
             body["max_tokens"] = max_tokens
         if temperature is not None:

@@ -109,7 +109,9 @@ class ToolRegistry:
         self._refresh()
         tool = self._by_name.get(call.name)
         if tool is None or call.name not in self._enabled_names(ctx.channel):
-            return _error(f"Error: unknown tool {call.name!r}")
+            unknown = _error(f"Error: unknown tool {call.name!r}")  # disabled ones are not named as such
+            _progress(ctx, call, "failed", unknown.text)
+            return unknown
         args = _parse_args(call, tool)
         if isinstance(args, ToolResult):
             _progress(ctx, call, "failed", args.text)
