@@ -3,6 +3,7 @@ scripted upstream that calls their tools, and what the model receives back."""
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -286,3 +287,15 @@ async def test_results_are_bounded_before_the_model_sees_them(
     bogus = await call_once(client, fake_llm, "mcp_demo_picture", {"bogus": True})
     assert "[image omitted: not a PNG, JPEG, GIF or WebP image (declared image/png)]" in bogus
     assert not any(isinstance(m["content"], list) for m in fake_llm.requests[-1]["messages"][-2:])
+
+
+async def test_an_http_url_with_a_key_stays_out_of_the_log(
+    start: Start, fake_llm: FakeLLM, log: LogWatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server URL whose query holds a key: its failures and requests are logged without the key."""
+    caplog.set_level(logging.INFO)
+    url = fake_llm.url.replace("/v1", "/mcp?key=sk-query-secret-0123")  # type: ignore[attr-defined]
+    await start({"nomcp": {"url": url}})
+    await log.wait_for("MCP server nomcp cannot start")
+    ours = [r.getMessage() for r in caplog.records if r.name != "aiohttp.access"]  # not the fake's log
+    assert ours and not any("sk-query-secret-0123" in line for line in ours)

@@ -107,6 +107,8 @@ class McpServer:
                 return
             attempts = 1 if was_up and loop.time() - began >= STABLE_SECONDS else attempts + 1
             wait = self._policy.delay(attempts, None)
+            if self.config.url:  # an HTTP error quotes the URL, whose query may hold a key
+                reason = reason.replace(self.config.url, describe_target(self.config))
             log.warning("MCP server %s %s; retrying in %.1fs", self.name, reason, wait)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -27,6 +28,9 @@ from mcp.client.streamable_http import streamable_http_client
 from nanobot.config import McpServerConfig, safe_url
 from nanobot.errors import NanobotError
 
+# httpx2 logs every request at INFO with its full URL (a query may hold a key): one line per
+# tool call is noise, and the URL must not reach the log. Its warnings still do.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)  # the SDK's defaults: a response stream may idle long
 
 # argv: [parent pid, program, *args]. PR_SET_PDEATHSIG is 1 (linux/prctl.h).
