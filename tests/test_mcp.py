@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -299,3 +300,9 @@ async def test_an_http_url_with_a_key_stays_out_of_the_log(
     await log.wait_for("MCP server nomcp cannot start")
     ours = [r.getMessage() for r in caplog.records if r.name != "aiohttp.access"]  # not the fake's log
     assert ours and not any("sk-query-secret-0123" in line for line in ours)
+
+
+def test_the_sdk_is_not_imported_at_start() -> None:
+    """Start-up does not pay for importing the MCP SDK (about a second): it loads in the background."""
+    code = "import sys, nanobot.runtime, nanobot.cli; sys.exit('mcp' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -21,6 +22,15 @@ SCHEMA_LIMIT = 64 * 1024  # bytes of one tool's schema (JSON); past it the tool 
 _REF_DEPTH = 8  # nested $ref resolutions; deeper (or cyclic) refs become "any value"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _DROPPED = ("$schema", "$id", "$comment", "$defs", "definitions")
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """One tool as its server listed it, already normalised for the model."""
+
+    remote: str
+    description: str
+    parameters: dict[str, Any]
 
 
 def tool_names(server: str, tools: Iterable[str], taken: set[str]) -> list[str]:
