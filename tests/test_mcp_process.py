@@ -101,3 +101,20 @@ async def test_no_server_outlives_a_gateway_killed_with_sigkill(tmp_path: Path, 
         served.proc.send_signal(signal.SIGKILL)
         assert await served.exit_code() == -signal.SIGKILL
     assert await all_gone(pids)
+
+
+async def test_servers_still_starting_do_not_hold_up_shutdown(tmp_path: Path, fake_llm: FakeLLM) -> None:
+    """SIGTERM while servers are still in their handshake: they are stopped at once, nothing is left."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    config = servers(pid_dir, 2)
+    for name, server in config.items():
+        os.mkfifo(tmp_path / f"{name}.gate")  # never opened for writing: the handshake never ends
+        server["args"] += ["--gate", str(tmp_path / f"{name}.gate")]
+    extra = {"tools": {"mcpServers": config}}
+    async with serve(tmp_path, fake_llm.url, {}, extra=extra) as served:  # type: ignore[attr-defined]
+        pids = await pids_in(pid_dir, 2)
+        served.terminate()
+        assert await served.exit_code() == 0
+        assert "did not close" not in served.log and "Traceback" not in served.log
+    assert await all_gone(pids)

@@ -61,11 +61,14 @@ class McpServer:
         self._wake = asyncio.Event()  # the current connection needs attention: see the flags below
         self._lost = False  # the current connection is gone
         self._relist = False  # the server said its tools changed
+        self._starting: anyio.CancelScope | None = None  # the handshake, which stop() cuts short
 
     def stop(self) -> None:
         """Ask :meth:`run` to close the connection and return."""
         self._stopped.set()
         self._wake.set()
+        if self._starting is not None:
+            self._starting.cancel()
 
     async def run(self) -> None:
         """Connect, stay connected, reconnect with backoff after a failure, until :meth:`stop`."""
@@ -98,9 +101,12 @@ class McpServer:
                 session = await stack.enter_async_context(
                     ClientSession(read, write, client_info=_CLIENT, message_handler=self._on_message)
                 )
-                with anyio.fail_after(START_TIMEOUT):
+                with anyio.CancelScope() as self._starting, anyio.fail_after(START_TIMEOUT):
                     await session.initialize()
                     listing = await _list_tools(session, self.name)
+                self._starting = None
+                if self._stopped.is_set():
+                    return "stopped", False
                 self._go_up(session, listing)
                 up = True
                 try:
@@ -109,7 +115,10 @@ class McpServer:
                     self._go_down()
             return "closed its connection" + (" (it exited)" if self.config.is_stdio else ""), up
         except Exception as exc:  # any failure of the server or its transport: one line, then retry
+            log.debug("MCP server %s failed", self.name, exc_info=True)  # the whole story, with -v
             return ("stopped working: " if up else "cannot start: ") + _cause(exc), up
+        finally:
+            self._starting = None
 
     async def _serve(self, session: ClientSession) -> None:
         """Hold the connection until it is lost or stop() is called; re-list the tools when told."""
