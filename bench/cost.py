@@ -8,6 +8,10 @@ requests at each concurrency, and prints instructions per request for each, and 
 gateway's cost over the floor's. Every thread of the process counts (the SQLite writer too).
 The answers are checked like the benchmark's (a bad 200 is an error).
 
+``--proc`` runs both without valgrind and counts, from ``/proc``, CPU time (user + system, so
+the kernel's share too) and context switches (every thread) per request: the thread hops
+callgrind cannot see.
+
 ``--sessions K`` first sends K uncounted requests on distinct sessions (state growth: does
 a gateway with K sessions behind it cost more per request?).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import subprocess
 import sys
@@ -80,6 +85,34 @@ async def drive(url: str, n: int, conc: int, tag: str) -> int:
     return failed
 
 
+def _proc_counts(pid: int) -> tuple[float, int]:
+    """(CPU seconds, context switches) of ``pid`` so far, all threads."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    switches = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                switches += int(line.split()[1])
+    return cpu, switches
+
+
+def measure_proc(name: str, pid: int, url: str, args: argparse.Namespace) -> dict[str, float]:
+    """CPU microseconds and context switches per request of ``pid`` at each concurrency."""
+    asyncio.run(drive(url, args.warmup, 4, f"{name}-warm"))
+    result: dict[str, float] = {}
+    for conc in args.conc:
+        cpu0, sw0 = _proc_counts(pid)
+        failed = asyncio.run(drive(url, args.n, conc, f"{name}-c{conc}-{time.monotonic_ns()}"))
+        cpu1, sw1 = _proc_counts(pid)
+        if failed:
+            raise HarnessError(f"{name}: {failed} of {args.n} requests failed at c={conc}")
+        result[f"c{conc}_cpu_us"] = (cpu1 - cpu0) * 1e6 / args.n
+        result[f"c{conc}_switches"] = (sw1 - sw0) / args.n
+    return result
+
+
 def measure(name: str, pid: int, url: str, out: Path, args: argparse.Namespace) -> dict[str, float]:
     """Instructions per request of the process ``pid`` at each concurrency."""
     asyncio.run(drive(url, args.warmup, 4, f"{name}-warm"))
@@ -99,6 +132,28 @@ def measure(name: str, pid: int, url: str, out: Path, args: argparse.Namespace) 
     return result
 
 
+def run_proc(args: argparse.Namespace) -> int:
+    """``--proc``: floor and gateway without valgrind, counted from ``/proc``."""
+    results: dict[str, dict[str, float]] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="nanobot-cost-") as tmp,
+        Bench(Path(tmp), Settings.make(True), pin=False) as bench,
+    ):
+        bench.start_upstream()
+        if args.only in (None, "floor"):
+            bench.start_floor()
+            assert bench.floor is not None
+            results["floor"] = measure_proc("floor", bench.floor.pid, bench.floor_url, args)
+        if args.only in (None, "gateway"):
+            if not bench.start_gateway():
+                raise HarnessError(bench.gateway_error)
+            results["gateway"] = measure_proc("gateway", bench.gateway_pid, bench.gateway_url, args)
+    for name, per in results.items():
+        print(f"{name:8s} " + ", ".join(f"{k}: {v:.2f}" for k, v in per.items()))
+    print(orjson.dumps({"n": args.n, "results": results}).decode())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(prog="python -m bench.cost", description=__doc__.splitlines()[0])
@@ -107,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=0, help="uncounted distinct sessions before counting")
     p.add_argument("--conc", default="1,16", help="concurrencies, comma-separated")
     p.add_argument("--only", choices=("floor", "gateway"), default=None)
+    p.add_argument("--proc", action="store_true", help="CPU time and context switches, no valgrind")
     args = p.parse_args(argv)
     args.conc = [int(c) for c in args.conc.split(",")]
+    if args.proc:
+        return run_proc(args)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed", file=sys.stderr)
         return 1
