@@ -16,13 +16,14 @@ import queue
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import orjson
 
 from nanobot.errors import NanobotError, StorageError
+from nanobot.keylock import KeyedLocks
 from nanobot.workspace import prepare as prepare_workspace
 
 ChatMessage = dict[str, Any]  # one message in OpenAI chat format (JSON-shaped by nature)
@@ -333,8 +334,7 @@ class SessionStore:
         self._costs: dict[str, int] = {}  # key -> its cached messages' approximate size
         self._cache_bytes = 0
         self._known: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._waiters: dict[str, int] = {}
+        self.lock = KeyedLocks()  # ``async with store.lock(key):`` holds a session's turn lock
 
     @classmethod
     async def open(
@@ -359,24 +359,6 @@ class SessionStore:
     async def close(self) -> None:
         """Flush pending writes and close the backend."""
         await self._backend.close()
-
-    @contextlib.asynccontextmanager
-    async def lock(self, key: str) -> AsyncIterator[None]:
-        """Hold ``key``'s turn lock: turns on one session never interleave (FIFO, fair)."""
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        self._waiters[key] = self._waiters.get(key, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            left = self._waiters[key] - 1
-            if left:
-                self._waiters[key] = left
-            else:  # nobody else wants this session: forget its lock
-                del self._waiters[key]
-                del self._locks[key]
 
     async def history(self, key: str) -> list[ChatMessage]:
         """The bounded history of ``key`` (a copy the caller may extend)."""

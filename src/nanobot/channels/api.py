@@ -28,8 +28,8 @@ class Reply:
 
     __slots__ = ("_chars", "_loop", "_room", "_waiter", "end", "keepalive_due", "pieces", "refused", "stream")
 
-    def __init__(self, stream: bool) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, stream: bool, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self.stream = stream
         self.pieces: list[str] = []  # text not yet taken, oldest first
         self._chars = 0
@@ -130,6 +130,7 @@ class ApiChannel(Channel):
         self._admitted = 0
         self._drained: asyncio.Event | None = None  # set once shutting down
         self._ended = False  # set once the grace has run out
+        self._loop: asyncio.AbstractEventLoop | None = None  # learnt at the first request
 
     @property
     def admitted(self) -> int:
@@ -184,7 +185,10 @@ class ApiChannel(Channel):
         """Register a request; the agent's output for it collects in the returned :class:`Reply`."""
         if self._ended:
             raise _cut_short()
-        reply = self._waiting[request_id] = Reply(stream)
+        loop = self._loop
+        if loop is None:  # (each get_running_loop() is a getpid() system call: once is enough)
+            loop = self._loop = asyncio.get_running_loop()
+        reply = self._waiting[request_id] = Reply(stream, loop)
         return reply
 
     def close(self, request_id: str) -> None:

@@ -51,19 +51,23 @@ def _form_request(fields: dict[str, str], files: tuple[FileInput, ...], model: s
 async def _read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, bounded by ``limit``; unlike ``request.read()`` it is not kept on the
     request, so a large base64 upload is held once, not for the whole turn."""
-    too_large = PayloadTooLargeError(
-        f"the request is larger than the limit of {limit} bytes (api.maxRequestBytes)"
-    )
     if request.content_length is not None and request.content_length > limit:
-        raise too_large
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    # Built only when needed: an exception per request was measurable on the hot path.
+    return PayloadTooLargeError(
+        f"the request is larger than the limit of {limit} bytes (api.maxRequestBytes)"
+    )
 
 
 async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
