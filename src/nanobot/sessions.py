@@ -364,8 +364,9 @@ class SessionStore:
         """The bounded history of ``key`` (a copy the caller may extend)."""
         cached = self._cache.get(key)
         if cached is None:
-            cached = await self._backend.load(key, self._max) if key in self._known else []
-            cached = trim_history(cached, self._max)
+            if key not in self._known:  # a new session: cached by append_turn, with its first turn
+                return []
+            cached = trim_history(await self._backend.load(key, self._max), self._max)
             self._remember(key, cached, _cost(cached))
         else:
             self._cache.move_to_end(key)
@@ -383,9 +384,13 @@ class SessionStore:
         except (TypeError, ValueError) as exc:
             raise NanobotError(f"could not save the conversation: {exc}") from exc
         cached = self._cache.get(key)
-        if cached is not None:  # (if it was evicted meanwhile, the next turn reloads it)
+        if cached is None and key not in self._known:  # a new session: this turn is its history
+            cached = list(messages)
+            cost = _cost(cached)
+        elif cached is not None:  # (if it was evicted meanwhile, the next turn reloads it)
             cached.extend(messages)
             cost = self._costs[key] + _cost(messages)
+        if cached is not None:
             if len(cached) > self._max * 2:
                 cached = trim_history(cached, self._max)
                 cost = _cost(cached)

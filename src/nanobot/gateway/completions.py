@@ -51,8 +51,14 @@ def _form_request(fields: dict[str, str], files: tuple[FileInput, ...], model: s
 async def _read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, bounded by ``limit``; unlike ``request.read()`` it is not kept on the
     request, so a large base64 upload is held once, not for the whole turn."""
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise _too_large(limit)
+        try:  # the usual case: one call, and the body is usually in the buffer already
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError as exc:  # the client stopped sending: what came
+            return exc.partial
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
