@@ -4,8 +4,9 @@ Pinned to separate *physical* cores, the three stop taking turns on one core, an
 single-threaded server cannot land beside a busy process on its hyperthread sibling
 (which costs it a third or more of its speed, differently on each run: one cause of the
 run-to-run spread the issue saw). The server under test (the floor proxy or the gateway,
-never both at once) gets one logical CPU of a core whose siblings stay idle; the upstream
-two cores; the load generator the rest. Needs at least 6 logical CPUs and 4 physical cores;
+never both at once) gets one logical CPU of a core whose siblings stay idle (the gateway's
+SQLite writer thread shares it: "one core" means the whole process); the upstream two
+cores; the load generator the rest. Needs at least 6 logical CPUs and 4 physical cores;
 with fewer, nothing is pinned and the report says so.
 """
 
@@ -74,9 +75,10 @@ def plan_cpus(enabled: bool = True) -> CpuPlan:
             "upstream, server and load generator their own cores; the three share them, so "
             "absolute numbers are a floor and only same-run ratios compare",
         )
-    server = frozenset(cores[0][:1])  # one thread; its siblings stay idle
-    upstream = frozenset(cpu for core in cores[1:3] for cpu in core)
-    loadgen = frozenset(cpu for core in cores[3:] for cpu in core)
+    # From the top: CPU 0 tends to take the machine's housekeeping (interrupts, timers).
+    server = frozenset(cores[-1][:1])  # one logical CPU; its siblings stay idle
+    upstream = frozenset(cpu for core in cores[-3:-1] for cpu in core)
+    loadgen = frozenset(cpu for core in cores[:-3] for cpu in core)
     note = (
         f"pinned (sched_setaffinity): server under test (floor proxy or gateway) on CPU {_fmt(server)} "
         f"(its core's siblings idle), upstream on CPUs {_fmt(upstream)}, load generator on CPUs "
