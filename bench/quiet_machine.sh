@@ -29,7 +29,11 @@ lscpu 2>/dev/null | grep -E '^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node\
 # 1. Python packages: the wheels, no index, no dependency resolution.
 SITE=/tmp/nanobot-site
 rm -rf "$SITE"
-$PY -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
+if $PY -m pip --version >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
+else  # no pip: a wheel is a zip of the installed files
+    for whl in .whl/*.whl; do $PY -m zipfile -e "$whl" "$SITE"; done
+fi
 export PYTHONPATH="$SITE:$ROOT/src"
 $PY -c 'import aiohttp, orjson, uvloop, nanobot.runtime; print("aiohttp", aiohttp.__version__, "uvloop", uvloop.__version__)'
 
