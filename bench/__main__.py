@@ -2,8 +2,9 @@
 
 Flags: ``--quick`` (smoke run, < 60 s), ``--only SECTION`` (repeatable or comma-separated:
 nonstream, streaming, streams, attachments, channels, startup, mcp), ``--out PATH`` (JSON, default
-``bench/results.json``), ``--pin`` (gateway on CPU 1; upstream and load generator on CPU 0),
-``--profile`` (sample the gateway with py-spy under c=16 load and print its hot spots).
+``bench/results.json``), ``--no-pin`` (pinning is automatic where the machine has the cores:
+see ``bench/cpus.py``), ``--repeats N`` (non-stream points, default 3), ``--profile`` (sample
+the gateway with py-spy under c=16 load and print its hot spots).
 """
 
 from __future__ import annotations
@@ -50,7 +51,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
     p.add_argument(
-        "--pin", action="store_true", help="pin gateway to CPU 1, upstream + load generator to CPU 0"
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin (by default upstream, server and load generator get their own cores when "
+        ">= 6 CPUs / 4 physical cores)",
+    )
+    p.add_argument("--pin", dest="pin", action="store_true", help=argparse.SUPPRESS)  # the default now
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs of each non-stream point (min/median/max), >= 1"
     )
     p.add_argument(
         "--profile", action="store_true", help="py-spy the gateway under c=16 load; print hot spots"
@@ -96,17 +105,11 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> Report:
     """Start everything, run the chosen sections, and return the report (children always killed)."""
-    settings = Settings.make(args.quick)
+    settings = Settings.make(args.quick, max(1, args.repeats))
     chosen = args.only or list(SECTIONS)
-    report = Report(machine_info(), {"quick": settings.quick, "pin": args.pin, "sections": ",".join(chosen)})
-    report.note(
-        "Load generator, fake upstream and gateway are three processes sharing the same "
-        f"{report.machine['cores']} cores"
-        + (
-            " (pinned: gateway CPU 1, others CPU 0)."
-            if args.pin
-            else " (not pinned): absolute numbers are a floor, compare direct vs gateway."
-        )
+    report = Report(
+        machine_info(),
+        {"quick": settings.quick, "repeats": settings.repeats, "sections": ",".join(chosen)},
     )
     client = args.client if args.client != "auto" else ("wrk" if wrk_path() else "python")
     if client == "wrk" and not wrk_path():
@@ -119,7 +122,19 @@ def run(args: argparse.Namespace) -> Report:
         Bench(Path(tmp), settings, args.pin, telegram="channels" in chosen) as bench,
     ):
         bench.client = client
+        report.settings["pin"] = bench.cpus.pinned
+        report.note(
+            f"Processes: load generator, fake upstream, and the server under test (the floor proxy or "
+            f"the gateway, one at a time) on {report.machine['cores']} CPUs: {bench.cpus.note}."
+        )
+        report.note(
+            "floor = a bare aiohttp proxy (bench/floor.py: receive, forward the body on one pooled "
+            "ClientSession to the same upstream, return its answer): what any aiohttp server + client "
+            "pair costs per request; the gateway's own cost is what it adds on top. Non-stream rows "
+            "only (it does not stream)."
+        )
         bench.start_upstream()
+        bench.start_floor()
         if not bench.start_gateway():
             report.note(f"Gateway not measured: {bench.gateway_error.splitlines()[0]}")
             print(f"gateway unavailable: {bench.gateway_error}", file=sys.stderr)

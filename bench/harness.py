@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from bench.cpus import CpuPlan, plan_cpus
 from bench.procs import (
     Children,
     HarnessError,
@@ -22,10 +23,6 @@ from bench.procs import (
     wait_healthy,
 )
 from bench.wrk import wrk_closed
-
-UPSTREAM_CPUS = {0}
-GATEWAY_CPUS = {1}
-LOADGEN_CPUS = {0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,13 +40,14 @@ class Settings:
     streams_delay_ms: int
     startup_runs: int
     health_timeout: float
+    repeats: int = 3  # each non-stream point, each time on a fresh gateway: min/median/max
 
     @classmethod
-    def make(cls, quick: bool) -> Settings:
+    def make(cls, quick: bool, repeats: int = 3) -> Settings:
         """The quick (smoke) or full settings."""
         if quick:
-            return cls(True, 1.0, 0.3, 40, 3, 2000, 1000, 20, 50, 3, 20.0)
-        return cls(False, 5.0, 1.0, 300, 7, 2000, 1000, 20, 50, 5, 20.0)
+            return cls(True, 1.0, 0.3, 40, 3, 2000, 1000, 20, 50, 3, 20.0, repeats)
+        return cls(False, 5.0, 1.0, 300, 7, 2000, 1000, 20, 50, 5, 20.0, repeats)
 
 
 def gateway_argv(config: Path) -> list[str]:
@@ -73,16 +71,19 @@ def gateway_available() -> str:
 class Bench:
     """Owns the child processes of one run; use as a context manager so they are always killed."""
 
-    def __init__(self, tmp: Path, settings: Settings, pin: bool, telegram: bool = False) -> None:
+    def __init__(self, tmp: Path, settings: Settings, pin: bool = True, telegram: bool = False) -> None:
         self.tmp = tmp
         self.settings = settings
-        self.children = Children(tmp, pin)
+        self.cpus: CpuPlan = plan_cpus(pin)
+        self.children = Children(tmp)
         self.telegram = telegram
         self.upstream_port = 0
         self.telegram_port = 0
         self.gateway: subprocess.Popen[bytes] | None = None
         self.gateway_port = 0
         self.gateway_error = ""
+        self.floor: subprocess.Popen[bytes] | None = None
+        self.floor_port = 0
         self.startup_s: float | None = None
         self.client = "python"  # or "wrk": for non-stream distinct-session points (bench.wrk)
 
@@ -97,7 +98,7 @@ class Bench:
     def start_upstream(self) -> None:
         """Start the fake upstream (and fake Telegram) process and learn its port(s)."""
         argv = [sys.executable, "-m", "bench.upstream"] + (["--telegram"] if self.telegram else [])
-        proc = self.children.spawn("upstream", argv, cpus=UPSTREAM_CPUS, stdout_pipe=True)
+        proc = self.children.spawn("upstream", argv, cpus=self.cpus.upstream, stdout_pipe=True)
         ports = read_ready_line(proc, timeout=15)
         self.upstream_port = int(ports[0])
         if self.telegram:
@@ -109,7 +110,12 @@ class Bench:
             # maxPdfPages: the 9 MiB sample PDF (tests/samples.py) has ~3,650 small pages.
             "api": {"host": "127.0.0.1", "port": port, "maxPdfPages": 10_000},
             "agents": {
-                "defaults": {"model": "bench-model", "provider": "bench", "workspace": str(self.tmp / "ws")}
+                # A workspace per gateway: each starts from nothing (and holds its own lock).
+                "defaults": {
+                    "model": "bench-model",
+                    "provider": "bench",
+                    "workspace": str(self.tmp / f"ws-{port}"),
+                }
             },
             "providers": {"bench": {"apiBase": f"http://127.0.0.1:{self.upstream_port}/v1", "apiKey": "x"}},
         }
@@ -134,7 +140,7 @@ class Bench:
         port = free_port()
         config = self.write_config(port, telegram)
         started = time.perf_counter()
-        proc = self.children.spawn(name, gateway_argv(config), cpus=GATEWAY_CPUS)
+        proc = self.children.spawn(name, gateway_argv(config), cpus=self.cpus.server)
         try:
             took = wait_healthy(proc, port, started, self.settings.health_timeout)
         except HarnessError as exc:
@@ -154,12 +160,33 @@ class Bench:
             return False
         return True
 
+    def restart_gateway(self) -> None:
+        """Replace the gateway under test with a fresh one (new process, empty workspace), so
+        every measured point starts from the same state, whatever ran before it."""
+        if self.gateway is not None:
+            self.children.stop(self.gateway)
+            self.gateway = None
+        if not self.start_gateway():
+            raise HarnessError(f"gateway restart failed: {self.gateway_error.splitlines()[0]}")
+
+    def start_floor(self) -> None:
+        """Start the floor proxy (:mod:`bench.floor`) on the server's CPUs, in front of the upstream."""
+        api_base = f"http://127.0.0.1:{self.upstream_port}/v1"
+        argv = [sys.executable, "-m", "bench.floor", "--upstream", api_base]
+        self.floor = self.children.spawn("floor", argv, cpus=self.cpus.server, stdout_pipe=True)
+        self.floor_port = int(read_ready_line(self.floor, timeout=15)[0])
+
     # ------------------------------------------------------------------ driving
 
     @property
     def direct_url(self) -> str:
         """The fake upstream's chat-completions URL."""
         return f"http://127.0.0.1:{self.upstream_port}/v1/chat/completions"
+
+    @property
+    def floor_url(self) -> str:
+        """The floor proxy's chat-completions URL."""
+        return f"http://127.0.0.1:{self.floor_port}/v1/chat/completions"
 
     @property
     def gateway_url(self) -> str:
@@ -185,10 +212,11 @@ class Bench:
                 int(spec["concurrency"]),
                 float(spec.get("warmup", 0.5)),
                 float(spec["duration"]),
+                self.cpus.loadgen,
             )
         if timeout is None:
             timeout = 60 + 2 * float(spec.get("duration", 0)) + float(spec.get("warmup", 0))
-        return run_loadgen(self.children, spec, timeout)
+        return run_loadgen(self.children, spec, timeout, self.cpus.loadgen)
 
     def upstream_stats(self) -> dict[str, Any]:
         """The fake upstream's counters."""

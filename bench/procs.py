@@ -26,16 +26,20 @@ class HarnessError(RuntimeError):
 class Children:
     """Every process the harness started; :meth:`kill_all` ends them (called from ``finally``)."""
 
-    def __init__(self, logdir: Path, pin: bool) -> None:
+    def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
-        self.pin = pin
         self.procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
 
     def spawn(
-        self, name: str, argv: list[str], cpus: set[int] | None = None, stdout_pipe: bool = False
+        self,
+        name: str,
+        argv: list[str],
+        cpus: frozenset[int] | set[int] = frozenset(),
+        stdout_pipe: bool = False,
     ) -> subprocess.Popen[bytes]:
-        """Start ``argv`` with its output in ``<logdir>/<name>.log`` (stdout piped if asked)."""
+        """Start ``argv`` with its output in ``<logdir>/<name>.log`` (stdout piped if asked),
+        pinned to ``cpus`` when given (see :mod:`bench.cpus`)."""
         log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in kill_all
         self._logs.append(log)
         proc = subprocess.Popen(
@@ -47,7 +51,7 @@ class Children:
             env=child_env(),
         )
         self.procs.append(proc)
-        if self.pin and cpus:
+        if cpus:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(proc.pid, cpus)
         return proc
@@ -237,10 +241,12 @@ class RssSampler:
         self._sample()
 
 
-def run_loadgen(children: Children, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_loadgen(
+    children: Children, spec: dict[str, Any], timeout: float, cpus: frozenset[int] = frozenset()
+) -> dict[str, Any]:
     """Run one :mod:`bench.loadgen` scenario in a fresh process (bounded); return its JSON result."""
     argv = [sys.executable, "-m", "bench.loadgen", orjson.dumps(spec).decode()]
-    proc = children.spawn(f"loadgen-{spec['kind']}", argv, cpus={0}, stdout_pipe=True)
+    proc = children.spawn(f"loadgen-{spec['kind']}", argv, cpus=cpus, stdout_pipe=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -15,7 +15,8 @@ Number = float | int | None
 
 @dataclass(slots=True)
 class Row:
-    """One line of the table: a metric measured direct-to-upstream and through the gateway."""
+    """One line of the table: a metric measured direct-to-upstream, through the floor proxy
+    (non-stream rows) and through the gateway; compared with the floor when it was measured."""
 
     section: str
     metric: str
@@ -26,17 +27,52 @@ class Row:
     target: str = ""
     ok: bool | None = None  # None: no target, or not measurable
     note: str = ""
+    floor: Number = None  # the bare aiohttp proxy (bench.floor), same upstream, same run
 
     @property
     def delta(self) -> str:
-        """The comparison column: added cost, or gateway as a share of direct."""
-        if self.direct is None or self.gateway is None or not _finite(self.direct, self.gateway):
-            return ""
-        if self.compare == "added":
-            return f"{self.gateway - self.direct:+.3f} {self.unit}".strip()
-        if self.compare == "ratio" and self.direct:
-            return f"{100 * self.gateway / self.direct:.0f}% of direct"
+        """The comparison column: added cost, or the gateway's share, against the floor when
+        measured (the headline), and against direct."""
+        parts = [
+            _compare(self.gateway, base, self.compare, self.unit, name)
+            for base, name in ((self.floor, "floor"), (self.direct, "direct"))
+        ]
+        return "; ".join(p for p in parts if p)
+
+
+def _compare(value: Number, base: Number, how: str, unit: str, name: str) -> str:
+    if value is None or base is None or not _finite(value, base):
         return ""
+    if how == "added":
+        return f"{value - base:+.3f} {unit} vs {name}".replace("  ", " ")
+    if how == "ratio" and base:
+        return f"{100 * value / base:.0f}% of {name}"
+    return ""
+
+
+@dataclass(slots=True)
+class Spread:
+    """One key metric measured ``repeats`` times: its values per column, in run order."""
+
+    metric: str
+    unit: str
+    direct: list[float]
+    floor: list[float]
+    gateway: list[float]
+
+    @staticmethod
+    def summary(values: list[float]) -> str:
+        """``min / median / max``."""
+        if not values:
+            return "–"
+        s = sorted(values)
+        return " / ".join(fmt(v) for v in (s[0], _median(s), s[-1]))
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
 def _finite(*values: Number) -> bool:
@@ -68,6 +104,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    spreads: list[Spread] = field(default_factory=list)
 
     def add(self, row: Row) -> Row:
         """Append a row and return it."""
@@ -86,6 +123,7 @@ class Report:
             "settings": self.settings,
             "rows": rows,
             "notes": self.notes,
+            "spread": [asdict(s) for s in self.spreads],
             "raw": self.raw,
         }
         return orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
@@ -105,8 +143,8 @@ class Report:
             f"kernel {m.get('kernel')}, aiohttp {m.get('aiohttp')}, {m.get('event_loop')}. "
             f"Settings: {', '.join(f'{k}={v}' for k, v in self.settings.items())}.",
             "",
-            "| section | metric | direct | gateway | gateway vs direct | target | pass |",
-            "|---|---|---:|---:|---|---|:---:|",
+            "| section | metric | direct | floor | gateway | gateway vs floor; vs direct | target | pass |",
+            "|---|---|---:|---:|---:|---|---|:---:|",
         ]
         for r in self.rows:
             mark = {True: "PASS", False: "**FAIL**", None: "–" if not r.target else "n/a"}[r.ok]
@@ -114,9 +152,27 @@ class Report:
             if r.note:
                 metric += f" — {r.note}"
             lines.append(
-                f"| {r.section} | {metric} | {fmt(r.direct)} | {fmt(r.gateway)} | {r.delta} "
-                f"| {r.target} | {mark} |"
+                f"| {r.section} | {metric} | {fmt(r.direct)} | {fmt(r.floor)} | {fmt(r.gateway)} "
+                f"| {r.delta} | {r.target} | {mark} |"
             )
+        if self.spreads:
+            n = max(len(s.gateway) for s in self.spreads)
+            lines += [
+                "",
+                f"Run-to-run spread: {n} repeats in this run, each point on a fresh gateway "
+                "(min / median / max):",
+                "",
+                "| metric | direct | floor | gateway | gateway ÷ floor (medians) |",
+                "|---|---|---|---|---|",
+            ]
+            for s in self.spreads:
+                ratio = ""
+                if s.floor and s.gateway and _median(s.floor):
+                    ratio = f"{_median(s.gateway) / _median(s.floor):.2f}"
+                lines.append(
+                    f"| {s.metric} ({s.unit}) | {s.summary(s.direct)} | {s.summary(s.floor)} "
+                    f"| {s.summary(s.gateway)} | {ratio} |"
+                )
         if self.notes:
             lines.append("")
             lines.extend(f"- {n}" for n in self.notes)

@@ -62,7 +62,9 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
-def _run(children: Children, script: Path, url: str, conc: int, seconds: float) -> dict[str, Any]:
+def _run(
+    children: Children, script: Path, url: str, conc: int, seconds: float, cpus: frozenset[int]
+) -> dict[str, Any]:
     wrk = wrk_path()
     assert wrk is not None
     argv = [
@@ -76,7 +78,7 @@ def _run(children: Children, script: Path, url: str, conc: int, seconds: float) 
         str(script),
         url,
     ]
-    proc = children.spawn("wrk", argv, cpus={0}, stdout_pipe=True)
+    proc = children.spawn("wrk", argv, cpus=cpus, stdout_pipe=True)
     try:
         out, _ = proc.communicate(timeout=seconds + 30)
     except subprocess.TimeoutExpired:
@@ -90,14 +92,20 @@ def _run(children: Children, script: Path, url: str, conc: int, seconds: float) 
 
 
 def wrk_closed(
-    children: Children, tmp: Path, url: str, conc: int, warmup: float, seconds: float
+    children: Children,
+    tmp: Path,
+    url: str,
+    conc: int,
+    warmup: float,
+    seconds: float,
+    cpus: frozenset[int] = frozenset(),
 ) -> dict[str, Any]:
     """A warm-up run, then a measured run; the result has the Python client's keys."""
     script = tmp / "bench.lua"
     script.write_text(LUA)
     if warmup > 0:
-        _run(children, script, url, conc, warmup)
-    w = _run(children, script, url, conc, seconds)
+        _run(children, script, url, conc, warmup, cpus)
+    w = _run(children, script, url, conc, seconds, cpus)
     errors = w["status"] + w["connect"] + w["read"] + w["write"] + w["timeout"] + w["invalid"]
     good = w["requests"] - w["status"] - w["invalid"]
     secs = w["duration_us"] / 1e6

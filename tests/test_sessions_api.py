@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
@@ -272,7 +273,13 @@ async def test_an_old_database_is_migrated_and_channel_chats_never_appear(
         "follow-up",
         "latest",
     ]
-    db = sqlite3.connect(tmp_path / "ws" / "sessions.db")
+    # the server holds sessions.db in exclusive locking mode: read a copy (with its WAL)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("sessions.db", "sessions.db-wal"):
+        if (tmp_path / "ws" / name).exists():
+            shutil.copy(tmp_path / "ws" / name, copy / name)
+    db = sqlite3.connect(copy / "sessions.db")
     assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
     assert db.execute("SELECT COUNT(*) FROM turns WHERE session = 'telegram:42'").fetchone()[0] == 1
     db.close()

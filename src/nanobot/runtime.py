@@ -196,6 +196,10 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, source: s
         # generations, so full collections stay short under load (fewer p99 pauses).
         gc.collect()
         gc.freeze()
+        # A young collection walks the objects still alive, i.e. the requests in flight, not
+        # the garbage (freed by reference counting): every 20,000 allocations instead of 700
+        # does the same walk 28x less often. Cycles are rare here; they wait a little longer.
+        gc.set_threshold(20_000, 10, 10)
         # `nanobot outbox retry|drop` signals SIGUSR1 (via <workspace>/nanobot.pid) to apply at once.
         with reload_on_signal(config.agents.defaults.workspace_path, app[CHANNELS].request_reload):
             if ready is not None:

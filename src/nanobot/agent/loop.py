@@ -77,6 +77,7 @@ class AgentLoop:
         self._turn_timeout = turn_timeout
         self._system: ChatMessage = {"role": "system", "content": defaults.system_prompt}
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._expired: set[asyncio.Task[None]] = set()  # turns cancelled by their deadline
         self._pressure = pressure
         self._metrics = metrics or Metrics()
 
@@ -111,27 +112,49 @@ class AgentLoop:
         self._start_turn(msg)
 
     def _start_turn(self, msg: InboundMessage) -> None:
-        task = asyncio.create_task(self._turn(msg))
+        # The deadline is one timer handle, not an asyncio.timeout() per turn: on the hot path
+        # that context manager (its object, current_task lookups, rescheduling) cost as much
+        # as the rest of the turn's bookkeeping.
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._turn(msg))
         key = msg.request_id or f"task-{id(task)}"
         self._running[key] = task
-        task.add_done_callback(lambda _t: self._running.pop(key, None))
+        deadline = loop.call_later(self._turn_timeout, self._expire, task)
+
+        def done(_t: object) -> None:
+            deadline.cancel()
+            self._running.pop(key, None)
+            self._expired.discard(task)
+
+        task.add_done_callback(done)
+
+    def _expire(self, task: asyncio.Task[None]) -> None:
+        self._expired.add(task)
+        task.cancel()
 
     async def _turn(self, msg: InboundMessage) -> None:
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self._turn_timeout):
-                await self.run_turn(msg)
+            await self.run_turn(msg)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            # Our own deadline, and nobody else cancelled the turn too: answer with a timeout.
+            if task in self._expired and task is not None and task.uncancel() == 0:
+                self._timed_out(msg)
+                return
+            raise
         except TimeoutError:
-            self._fail(msg, TurnTimeoutError(f"the request took longer than {self._turn_timeout:g} s"))
+            self._timed_out(msg)
         except NanobotError as exc:
             self._fail(msg, exc)
-        except asyncio.CancelledError:
-            raise
         except Exception:  # a bug must answer the user and be logged, never kill the loop
             log.exception("turn on %s failed", msg.session_key)
             self._fail(msg, NanobotError("internal error while answering"))
         # Answered or failed; a cancelled turn (its client left) is not a duration worth counting.
         self._metrics.turn(msg.channel, time.monotonic() - started)
+
+    def _timed_out(self, msg: InboundMessage) -> None:
+        self._fail(msg, TurnTimeoutError(f"the request took longer than {self._turn_timeout:g} s"))
 
     def _fail(self, msg: InboundMessage, error: NanobotError) -> None:
         log.warning("turn on %s failed: %s", msg.session_key, error.message)

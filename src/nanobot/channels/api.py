@@ -40,8 +40,8 @@ class Reply:
         "tool_events",
     )
 
-    def __init__(self, stream: bool, tool_events: bool = False) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, stream: bool, loop: asyncio.AbstractEventLoop, tool_events: bool = False) -> None:
+        self._loop = loop
         self.stream = stream
         self.tool_events = stream and tool_events  # the request asked for tool progress events
         self.pieces: list[str] = []  # text not yet taken, oldest first
@@ -155,6 +155,7 @@ class ApiChannel(Channel):
         self._admitted = 0
         self._drained: asyncio.Event | None = None  # set once shutting down
         self._ended = False  # set once the grace has run out
+        self._loop: asyncio.AbstractEventLoop | None = None  # learnt at the first request
 
     @property
     def admitted(self) -> int:
@@ -214,7 +215,10 @@ class ApiChannel(Channel):
         """Register a request; the agent's output for it collects in the returned :class:`Reply`."""
         if self._ended:
             raise _cut_short()
-        reply = self._waiting[request_id] = Reply(stream, tool_events)
+        loop = self._loop
+        if loop is None:  # (each get_running_loop() is a getpid() system call: once is enough)
+            loop = self._loop = asyncio.get_running_loop()
+        reply = self._waiting[request_id] = Reply(stream, loop, tool_events)
         return reply
 
     def close(self, request_id: str) -> None:

@@ -190,7 +190,10 @@ class ChannelManager:
             self.dispatch(msg)
 
     def _to_api(self, msg: OutboundMessage) -> None:
-        if self._api.deliver_nowait(msg):
+        delivered = self._api.deliver_nowait(msg)
+        if msg.receipt is None:  # deltas and replies: nobody waits for a receipt (the hot path)
+            return
+        if delivered:
             resolve(msg, DeliveryReceipt("sent"))
         else:
             detail = f"no open request on api:{msg.chat_id}; the api channel only answers the current request"

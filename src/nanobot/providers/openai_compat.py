@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from nanobot.config import ProviderConfig, safe_url
 from nanobot.errors import ContextLengthError, ProviderError, ProviderTimeoutError
@@ -70,6 +71,7 @@ class OpenAICompatProvider:
         self._model = model
         self._sleep = sleep
         self._url = config.api_base.rstrip("/") + "/chat/completions"
+        self._target = URL(self._url)  # parsed once: a str would be parsed again on every call
         self._public_url = safe_url(self._url)
         self._cap = config.max_response_bytes
         self._headers = {"Content-Type": "application/json", **config.extra_headers}
@@ -171,7 +173,7 @@ class OpenAICompatProvider:
             raise ProviderError("provider is not started")
         url = self._public_url
         try:
-            async with session.post(self._url, data=payload, headers=self._headers) as resp:
+            async with session.post(self._target, data=payload, headers=self._headers) as resp:
                 if resp.status != 200:
                     raise await self._refusal(resp)
                 if reader is None:
