@@ -1,0 +1,43 @@
+"""One process's PostgreSQL storage: the pool, the schema, and the implementations on them."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from nanobot.config import StorageConfig
+from nanobot.storage.postgres.connect import create_pool, describe, storage_errors
+from nanobot.storage.postgres.leases import PgTurnLeases
+from nanobot.storage.postgres.migrations import migrate
+from nanobot.storage.postgres.sessions import PgSessionBackend
+
+
+class PgStorage:
+    """Opened once per process at start; every part shares its pool."""
+
+    def __init__(self, pool: asyncpg.Pool, config: StorageConfig, schema_found: int) -> None:
+        self.pool = pool
+        self.schema_found = schema_found  # the version before this start's migrations (0: new)
+        self.sessions = PgSessionBackend(pool, config)
+        self.leases = PgTurnLeases(pool, config)
+
+    @classmethod
+    async def open(cls, config: StorageConfig) -> PgStorage:
+        """Connect, and migrate the schema (safe when many processes start at once).
+
+        Raises StorageError naming the database (never its password) and the cause.
+        """
+        pool = await create_pool(config)
+        try:
+            with storage_errors(f"cannot migrate the schema of {describe(config.url)}", config.url):
+                async with pool.acquire() as conn:
+                    found = await migrate(conn)
+        except BaseException:
+            pool.terminate()
+            raise
+        return cls(pool, config, found)
+
+    async def close(self) -> None:
+        """Finish the writes under way, stop listening, close the pool."""
+        await self.sessions.close()
+        await self.leases.close()
+        await self.pool.close()
