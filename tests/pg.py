@@ -119,7 +119,10 @@ def start_server() -> PgServer:
     data = root / "data"
     _run(
         [str(folder / "initdb"), "-D", str(data), "-U", USER, "--pwfile", str(root / "pw"),
-         "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
+         "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--locale=C.UTF-8",
+         # ICU's en-US as the default collation, like most real servers: key order and prefix
+         # ranges must not depend on it (";" sorts before ":" there, unlike in SQLite).
+         "--locale-provider=icu", "--icu-locale=en-US", "--no-sync"],
         as_root,
     )  # fmt: skip
     for attempt in itertools.count():
@@ -179,7 +182,8 @@ def pg_url(pg_server: PgServer) -> str:
     """
     name = f"test_{os.getpid()}_{next(_databases)}"
     createdb = [str(pg_server.bin_dir / "createdb"), "-h", str(pg_server.root), "-p", str(pg_server.port)]
-    done = subprocess.run([*createdb, "-U", USER, name], capture_output=True, text=True, timeout=60, check=False)
+    createdb += ["-U", USER, name]
+    done = subprocess.run(createdb, capture_output=True, text=True, timeout=60, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"createdb {name} failed: {done.stderr}")
     return pg_server.url(name)

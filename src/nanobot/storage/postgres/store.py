@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from nanobot.config import StorageConfig
-from nanobot.storage.postgres.connect import create_pool, describe, storage_errors
+from nanobot.storage.postgres.connect import create_pool, storage_errors
 from nanobot.storage.postgres.leases import PgTurnLeases
 from nanobot.storage.postgres.migrations import migrate
 from nanobot.storage.postgres.sessions import PgSessionBackend
@@ -28,7 +28,7 @@ class PgStorage:
         """
         pool = await create_pool(config)
         try:
-            with storage_errors(f"cannot migrate the schema of {describe(config.url)}", config.url):
+            with storage_errors("cannot migrate the schema", config.url):
                 async with pool.acquire() as conn:
                     found = await migrate(conn)
         except BaseException:
