@@ -18,7 +18,7 @@ from nanobot.channels.api import ApiChannel
 from nanobot.channels.lifecycle import reload_on_signal
 from nanobot.channels.manager import ChannelManager, build_channel_manager
 from nanobot.config import Config, describe_provider
-from nanobot.errors import NanobotError
+from nanobot.errors import ConfigError, NanobotError
 from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until
 from nanobot.gateway.sessions_api import SESSION_STORE
@@ -35,6 +35,13 @@ CHANNELS = web.AppKey("channels", ChannelManager)
 
 def build_app(config: Config) -> web.Application:
     """The gateway app with the whole runtime (sessions, provider, agent, channels) in its cleanup_ctx."""
+    if config.storage.is_postgres:
+        # nanobot.storage.postgres exists, but serve does not use it yet (issue 9): refuse rather
+        # than silently keep everything in this workspace's SQLite files.
+        raise ConfigError(
+            "storage.url: PostgreSQL storage is not served by this version yet (sessions and the "
+            'outbox live in the workspace\'s SQLite files); remove storage.url or set it to "sqlite"'
+        )
     bus = MessageBus()
     api = ApiChannel(max_turns=config.api.max_concurrent_turns)
     app = create_app(config, bus, api)
