@@ -1,7 +1,7 @@
 """``python -m bench``: run the benchmark, print a markdown table, write JSON.
 
 Flags: ``--quick`` (smoke run, < 60 s), ``--only SECTION`` (repeatable or comma-separated:
-nonstream, streaming, streams, attachments, channels, startup), ``--out PATH`` (JSON, default
+nonstream, streaming, streams, attachments, channels, startup, mcp), ``--out PATH`` (JSON, default
 ``bench/results.json``), ``--pin`` (gateway on CPU 1; upstream and load generator on CPU 0),
 ``--profile`` (sample the gateway with py-spy under c=16 load and print its hot spots).
 """
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import extras, sections
+from bench import extras, mcp_section, sections
 from bench.harness import Bench, Settings
 from bench.procs import HarnessError, machine_info
 from bench.report import Report
@@ -32,6 +32,7 @@ SECTIONS: dict[str, Callable[[Bench, Report], None]] = {
     "attachments": extras.attachments,
     "channels": extras.channels,
     "startup": sections.startup,
+    "mcp": mcp_section.mcp,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 

@@ -10,6 +10,8 @@ message and history may come before it, and tool results after it):
   the tool NAME whose arguments are the JSON in ``args=...`` (rest of the line), else a text.
 * ``echo=1``     - non-stream: the content is the user message's text itself, so a benchmark
   can check that each reply answers its own message.
+* ``toolecho=1`` - non-stream: the content is the text of the last tool result, so a benchmark
+  can check that a tool's answer reached the model.
 * ``report=1``   - non-stream: the content is a JSON report of what arrived, ``{"chars": <length
   of the user text>, "excerpt": <up to 3,000 characters from its first "[File: " label>}``, so a
   benchmark can check that a file's extracted text reached the model.
@@ -99,6 +101,10 @@ def _content(ctl: dict[str, int], text: str, deltas: int) -> str:
     return " ".join(["tok"] * deltas)
 
 
+def _last_tool_text(messages: list[dict[str, Any]]) -> str:
+    return next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "tool"), "")
+
+
 def _tool_call(text: str) -> dict[str, Any] | None:
     name = re.search(r"\btool=([A-Za-z_][\w-]*)", text)
     if name is None:
@@ -143,7 +149,8 @@ class Upstream:
             stats.streams += 1
             return await self._stream(request, model, ctl, call, bool(body.get("stream_options")))
         deltas = ctl.get("deltas", 1)
-        message: dict[str, Any] = {"role": "assistant", "content": _content(ctl, text, deltas)}
+        content = _last_tool_text(messages) if ctl.get("toolecho") else _content(ctl, text, deltas)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
         if call is not None:
             message = {"role": "assistant", "content": None, "tool_calls": [call]}
         reply = {

@@ -77,15 +77,22 @@ class Served:
 
 @asynccontextmanager
 async def serve(
-    tmp_path: Path, llm_url: str, api: dict[str, Any], *, file_limit: int | None = None
+    tmp_path: Path,
+    llm_url: str,
+    api: dict[str, Any],
+    *,
+    file_limit: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> AsyncIterator[Served]:
-    """Start `nanobot serve` against ``llm_url`` with these ``api`` settings; killed on exit."""
+    """Start `nanobot serve` against ``llm_url`` with these ``api`` settings (and ``extra``
+    top-level sections, e.g. ``tools``); killed on exit."""
     port = free_port()
     path = tmp_path / "config.json"
     config = {
         "api": {"port": port, **api},
         "agents": {"defaults": {"model": "m", "provider": "fake", "workspace": str(tmp_path / "ws")}},
         "providers": {"fake": {"apiBase": llm_url, "retryBaseSeconds": 0.001}},
+        **(extra or {}),
     }
     path.write_bytes(orjson.dumps(config))
     args = ["serve", "-c", str(path)]

@@ -181,6 +181,27 @@ class ToolChannelConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class McpServerConfig:
+    """One MCP server: ``command`` (+ ``args``, ``env``, ``cwd``) runs it over stdio; ``url``
+    (+ ``headers``) reaches it over Streamable HTTP. Its tools are offered as ``mcp_<server>_<tool>``."""
+
+    type: str = ""  # "stdio" or "streamableHttp"; empty: from whether command or url is given
+    command: str = ""
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict, repr=False, metadata=_SECRET)  # often holds tokens
+    cwd: str = ""
+    url: str = ""
+    headers: dict[str, str] = field(default_factory=dict, repr=False, metadata=_SECRET)
+    tool_timeout: float = 30.0  # seconds one call may take; past it the model gets an error text
+    enabled_tools: list[str] = field(default_factory=lambda: ["*"])  # raw or mcp_ names; "*": all
+
+    @property
+    def is_stdio(self) -> bool:
+        """Whether this server runs as a child process (else it is reached over HTTP)."""
+        return bool(self.command)
+
+
+@dataclass(frozen=True, slots=True)
 class ToolsConfig:
     """The agent's tools: which are offered (names or ``fnmatch`` patterns), and each one's bounds."""
 
@@ -190,6 +211,7 @@ class ToolsConfig:
     web: WebToolConfig = field(default_factory=WebToolConfig)
     files: FilesToolConfig = field(default_factory=FilesToolConfig)
     exec: ExecToolConfig = field(default_factory=ExecToolConfig)
+    mcp_servers: dict[str, McpServerConfig] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,6 +490,8 @@ def _check(config: Config) -> None:
     ):
         if bound <= 0:
             raise ConfigError(f"tools.{key}: must be greater than 0")
+    for name, server in tools.mcp_servers.items():
+        _check_mcp_server(name, server)
     config.provider()  # validates the provider choice
 
 
@@ -485,6 +509,27 @@ def _check_storage(storage: StorageConfig) -> None:
     ):
         if bound <= 0:
             raise ConfigError(f"storage.{key}: must be greater than 0")
+
+
+_MCP_TYPES = {"": "", "stdio": "stdio", "streamableHttp": "http", "streamable_http": "http", "http": "http"}
+
+
+def _check_mcp_server(name: str, server: McpServerConfig) -> None:
+    where = f"tools.mcpServers.{name}"
+    if not name.strip():
+        raise ConfigError("tools.mcpServers: a server name must not be empty")
+    kind = _MCP_TYPES.get(server.type)
+    if kind is None:
+        hint = " (the old SSE transport is not supported)" if server.type.lower() == "sse" else ""
+        raise ConfigError(f"{where}.type: expected stdio or streamableHttp, got {server.type!r}{hint}")
+    if bool(server.command) == bool(server.url):
+        raise ConfigError(f"{where}: give either command (a stdio server) or url (an HTTP server)")
+    if kind and (kind == "stdio") != server.is_stdio:
+        raise ConfigError(f"{where}: type {server.type} needs {'command' if kind == 'stdio' else 'url'}")
+    if server.url and not server.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.url: expected a URL starting with http:// or https://")
+    if server.tool_timeout <= 0:
+        raise ConfigError(f"{where}.toolTimeout: must be greater than 0")
 
 
 def parse_config(data: object) -> Config:

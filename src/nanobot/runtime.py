@@ -15,7 +15,7 @@ from nanobot.agent.loop import AgentLoop
 from nanobot.attachments import shutdown_extractors
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
-from nanobot.channels.lifecycle import reload_on_signal
+from nanobot.channels.lifecycle import RetryPolicy, reload_on_signal
 from nanobot.channels.manager import ChannelManager, build_channel_manager
 from nanobot.config import Config, describe_provider
 from nanobot.errors import ConfigError, NanobotError
@@ -26,6 +26,7 @@ from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.sessions import SessionStore
 from nanobot.tools import ToolRegistry
 from nanobot.tools.builtin import builtin_tools
+from nanobot.tools.mcp import McpServers
 from nanobot.workspace import WorkspaceLock
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,15 @@ def build_app(config: Config) -> web.Application:
         finally:
             lock.release()
 
+    mcp = McpServers(config.tools.mcp_servers, RetryPolicy(config.channels))
+
+    async def mcp_servers(_app: web.Application) -> AsyncIterator[None]:
+        mcp.start()  # in the background: /health and the agent never wait for a server
+        try:
+            yield
+        finally:
+            await mcp.close()
+
     async def runtime(_app: web.Application) -> AsyncIterator[None]:
         defaults = config.agents.defaults
         _name, provider_config = config.provider()
@@ -67,7 +77,7 @@ def build_app(config: Config) -> web.Application:
         app[SESSION_STORE].store = sessions  # the /v1/sessions routes
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
-        tools = ToolRegistry(builtin_tools(config), config=config.tools)
+        tools = ToolRegistry(builtin_tools(config), sources=[mcp], config=config.tools)
         agent = AgentLoop(
             bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout, pressure=api
         )
@@ -88,6 +98,7 @@ def build_app(config: Config) -> web.Application:
             await shutdown_extractors()
 
     app.cleanup_ctx.append(workspace)
+    app.cleanup_ctx.append(mcp_servers)
     app.cleanup_ctx.append(runtime)
     return app
 
