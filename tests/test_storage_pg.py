@@ -7,17 +7,14 @@ connection on the same database.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
 
 from nanobot.config import StorageConfig, parse_config
 from nanobot.errors import ConfigError, LeaseLostError, StorageError
 from nanobot.redact import config_secrets
-from nanobot.runtime import build_app
 from nanobot.storage.postgres import SCHEMA_VERSION, PgStorage
 from pg import _QUOTED_PASSWORD, PASSWORD, PgServer
 
@@ -216,17 +213,3 @@ async def test_lease_storage_errors_are_storage_errors(open_storage: Opener) -> 
     with pytest.raises(StorageError, match="session lease"):
         await storage.leases.acquire("api:z", "me", 30)
     await storage.leases.close()
-
-
-def test_serve_refuses_a_postgresql_url_it_does_not_use_yet(tmp_path: Path) -> None:
-    """Until serve uses PostgreSQL, a postgresql:// storage.url is refused, not silently ignored."""
-    config = parse_config(
-        {
-            "storage": {"url": "postgresql://bot:N0t-Used-Secret@db/nanobot"},
-            "agents": {"defaults": {"workspace": str(tmp_path / "ws")}},
-        }
-    )
-    with pytest.raises(ConfigError, match=r"storage\.url: PostgreSQL storage is not served") as caught:
-        build_app(config)
-    assert "N0t-Used-Secret" not in str(caught.value)
-    build_app(dataclasses.replace(config, storage=StorageConfig(url="sqlite")))  # (the default works)

@@ -8,7 +8,8 @@ fencing tokens).
 
 from nanobot.storage.postgres.leases import PgTurnLeases
 from nanobot.storage.postgres.migrations import SCHEMA_VERSION
+from nanobot.storage.postgres.session_store import PgSessionStore
 from nanobot.storage.postgres.sessions import PgSessionBackend
 from nanobot.storage.postgres.store import PgStorage
 
-__all__ = ["SCHEMA_VERSION", "PgSessionBackend", "PgStorage", "PgTurnLeases"]
+__all__ = ["SCHEMA_VERSION", "PgSessionBackend", "PgSessionStore", "PgStorage", "PgTurnLeases"]
