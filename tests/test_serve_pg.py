@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 
 from served import serve
 
@@ -45,3 +50,50 @@ async def test_a_second_process_sees_the_first_ones_history(
             "What is my name?",
         ]
         assert "storage: postgresql://127.0.0.1:" in one.log and "pg-Secret" not in one.log + two.log
+
+
+async def test_turns_on_one_session_through_two_processes_never_interleave(
+    tmp_path: Path, fake_llm: FakeLLM, pg_url: str
+) -> None:
+    """Turns sent to one session through two servers at once run one after another, none lost."""
+    extra = {"storage": {"url": pg_url}}
+    llm = fake_llm.url  # type: ignore[attr-defined]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with (
+        serve(tmp_path / "a", llm, {}, extra=extra) as one,
+        serve(tmp_path / "b", llm, {}, extra=extra) as two,
+        aiohttp.ClientSession() as http,
+    ):
+        texts = [f"turn {i}" for i in range(8)]
+        await asyncio.gather(*(chat(http, (one, two)[i % 2].url, "busy", t) for i, t in enumerate(texts)))
+        # Serialised turns each saw every earlier one: 1, 3, 5, ... messages went upstream.
+        seen = sorted(len([m for m in r["messages"] if m["role"] != "system"]) for r in fake_llm.requests)
+        assert seen == list(range(1, 2 * len(texts), 2))
+        async with http.get(f"{two.url}/v1/sessions/busy") as r:
+            stored = await r.json()
+        users = [m["content"] for m in stored["messages"] if m["role"] == "user"]
+        assert sorted(users) == sorted(texts) and stored["turns"] == len(texts)
+        roles = [m["role"] for m in stored["messages"]]
+        assert roles == ["user", "assistant"] * len(texts)
+
+
+def test_an_unreachable_database_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A server whose PostgreSQL cannot be reached says so in one line (no password) and exits 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # (nothing listens there once closed)
+    config = {
+        "api": {"port": port},
+        "agents": {"defaults": {"workspace": str(tmp_path / "ws")}},
+        "storage": {"url": f"postgresql://bot:Unused-Secret-9@127.0.0.1:{port}/nanobot", "connectTimeout": 5},
+    }
+    path = tmp_path / "config.json"
+    path.write_bytes(orjson.dumps(config))
+    proc = subprocess.run(
+        [sys.executable, "-m", "nanobot", "serve", "-c", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"127.0.0.1:{port}/nanobot" in lines[0] and "Unused-Secret" not in proc.stderr
