@@ -14,7 +14,7 @@ import orjson
 
 from served import serve
 
-from fake_llm import FakeLLM
+from fake_llm import FakeLLM, Step
 
 
 async def chat(http: aiohttp.ClientSession, url: str, session_id: str, text: str) -> dict[str, Any]:
@@ -50,6 +50,8 @@ async def test_a_second_process_sees_the_first_ones_history(
             "What is my name?",
         ]
         assert "storage: postgresql://127.0.0.1:" in one.log and "pg-Secret" not in one.log + two.log
+        one.terminate()  # a clean stop closes its connections
+        assert await one.exit_code() == 0, one.log
 
 
 async def test_turns_on_one_session_through_two_processes_never_interleave(
@@ -97,3 +99,28 @@ def test_an_unreachable_database_is_one_line_and_exit_2(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"127.0.0.1:{port}/nanobot" in lines[0] and "Unused-Secret" not in proc.stderr
+
+
+async def test_a_turn_longer_than_the_lease_keeps_its_session(
+    tmp_path: Path, fake_llm: FakeLLM, pg_url: str
+) -> None:
+    """A slow turn renews its lease: a turn sent meanwhile to another server waits, then sees it."""
+    extra = {"storage": {"url": pg_url, "leaseSeconds": 0.3}}
+    llm = fake_llm.url  # type: ignore[attr-defined]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    fake_llm.push(Step(text="slow answer", delay=1.5))  # five lease lengths
+    async with (
+        serve(tmp_path / "a", llm, {}, extra=extra) as one,
+        serve(tmp_path / "b", llm, {}, extra=extra) as two,
+        aiohttp.ClientSession() as http,
+    ):
+        slow = asyncio.create_task(chat(http, one.url, "long", "take your time"))
+        async with asyncio.timeout(30):
+            while not fake_llm.requests:  # noqa: ASYNC110 (another process's progress, with a deadline)
+                await asyncio.sleep(0.01)
+        quick = await chat(http, two.url, "long", "and now?")
+        assert (await slow)["choices"][0]["message"]["content"] == "slow answer"
+        assert quick["choices"][0]["message"]["content"] == "echo: and now?"
+        sent = [m["content"] for m in fake_llm.requests[-1]["messages"] if m["role"] != "system"]
+        assert sent == ["take your time", "slow answer", "and now?"]

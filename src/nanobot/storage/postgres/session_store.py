@@ -77,7 +77,7 @@ class PgSessionStore(SessionStore):
     async def history(self, key: str) -> list[ChatMessage]:
         """The bounded history of ``key``, as stored now (whichever process wrote it)."""
         stored = await self._storage.sessions.load(key, self._max)
-        return list(trim_history(trim_history(stored, self._max), self._max, self._max_chars))
+        return list(trim_history(stored, self._max, self._max_chars))
 
     async def append_turn(self, key: str, messages: Sequence[ChatMessage]) -> None:
         """Persist one whole turn, fenced by the lease held on ``key`` (if any)."""
