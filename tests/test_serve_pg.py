@@ -38,6 +38,8 @@ async def test_a_second_process_sees_the_first_ones_history(
         serve(tmp_path / "b", llm, {}, extra=extra) as two,
         aiohttp.ClientSession() as http,
     ):
+        async with http.get(f"{one.url}/health/ready") as r:  # open and migrated: ready
+            assert r.status == 200, await r.text()
         await chat(http, one.url, "trip", "My name is Ada.")
         await chat(http, two.url, "trip", "What is my name?")
         sent = [m["content"] for m in fake_llm.requests[-1]["messages"] if m["role"] != "system"]

@@ -59,6 +59,9 @@ class ApiConfig:
     # -- chat UIs (issue 11): "reject" one-user-message rule, or "accept" a resent conversation
     client_history: str = "reject"
     web_chat: bool = True  # serve the built-in chat page at GET /
+    # -- operations (scale-out issue): GET /metrics, and one log line per request (opt-in: it costs)
+    metrics: bool = True
+    access_log: bool = False
 
 
 @dataclass(frozen=True, slots=True)

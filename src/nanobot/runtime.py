@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -22,6 +22,8 @@ from nanobot.errors import NanobotError
 from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until
 from nanobot.gateway.sessions_api import SESSION_STORE
+from nanobot.gateway.state import STATE
+from nanobot.metrics import Family
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.storage import open_storage
 from nanobot.tools import ToolRegistry
@@ -32,6 +34,7 @@ from nanobot.workspace import WorkspaceLock
 log = logging.getLogger(__name__)
 
 CHANNELS = web.AppKey("channels", ChannelManager)
+_SCRAPE_WAIT = 2.0  # seconds a /metrics scrape waits for the outbox's counts before leaving them out
 
 
 def build_app(config: Config) -> web.Application:
@@ -39,7 +42,8 @@ def build_app(config: Config) -> web.Application:
     bus = MessageBus()
     api = ApiChannel(max_turns=config.api.max_concurrent_turns)
     app = create_app(config, bus, api)
-    app[CHANNELS] = manager = build_channel_manager(config, bus, api)
+    readiness = app[STATE].readiness
+    app[CHANNELS] = manager = build_channel_manager(config, bus, api, readiness.store("outbox"))
 
     async def workspace(_app: web.Application) -> AsyncIterator[None]:
         # First: nothing else may touch the workspace unless it is ours alone.
@@ -61,20 +65,29 @@ def build_app(config: Config) -> web.Application:
     async def runtime(_app: web.Application) -> AsyncIterator[None]:
         defaults = config.agents.defaults
         _name, provider_config = config.provider()
-        sessions = await open_storage(config)
+        sessions = await open_storage(config, readiness.store("sessions"))
         app[SESSION_STORE].store = sessions  # the /v1/sessions routes
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
         tools = ToolRegistry(builtin_tools(config), sources=[mcp], config=config.tools)
+        metrics = app[STATE].metrics
         agent = AgentLoop(
-            bus, provider, sessions, tools, defaults, turn_timeout=config.api.timeout, pressure=api
+            bus,
+            provider,
+            sessions,
+            tools,
+            defaults,
+            turn_timeout=config.api.timeout,
+            pressure=api,
+            metrics=metrics,
         )
         tasks: list[asyncio.Task[None]] = []
         try:
             await manager.start()
             tasks.append(asyncio.create_task(manager.run(), name="nanobot-channels"))
             tasks.append(asyncio.create_task(agent.run(), name="nanobot-agent"))
-            yield
+            with metrics.watching(*_runtime_families(agent, manager)):
+                yield
         finally:
             for task in tasks:
                 task.cancel()
@@ -89,6 +102,41 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(mcp_servers)
     app.cleanup_ctx.append(runtime)
     return app
+
+
+def _runtime_families(agent: AgentLoop, manager: ChannelManager) -> tuple[Family, ...]:
+    """What the running parts report to /metrics, read when scraped."""
+
+    async def outbox() -> dict[str, int] | None:
+        # On the outbox's writer thread; a scrape never waits long behind a stuck disk.
+        async with asyncio.timeout(_SCRAPE_WAIT):
+            return await manager.store.counts()
+
+    def channels(value: Callable[[str], int]) -> Callable[[], dict[str, int]]:
+        return lambda: {name: value(name) for name in manager.configured}
+
+    return (
+        Family("nanobot_running_turns", "Agent turns running now, on every channel.", lambda: agent.running),
+        Family(
+            "nanobot_outbox_messages",
+            "Outbox messages by state (delivered ones are not counted).",
+            outbox,
+            label="state",
+        ),
+        Family(
+            "nanobot_channel_up",
+            "1 when a configured chat channel is connected, 0 while it is down.",
+            channels(lambda name: int(name in manager.enabled)),
+            label="channel",
+        ),
+        # One process leads every channel it runs (several processes on PostgreSQL take turns).
+        Family(
+            "nanobot_channel_leader",
+            "1 when this process receives a chat channel's updates.",
+            channels(lambda _name: 1),
+            label="channel",
+        ),
+    )
 
 
 def install_uvloop() -> None:

@@ -25,6 +25,7 @@ import orjson
 
 from nanobot import session_table
 from nanobot.errors import NanobotError, StorageError
+from nanobot.health import StorageHealth
 from nanobot.session_table import SessionInfo
 from nanobot.workspace import prepare as prepare_workspace
 
@@ -92,9 +93,10 @@ _STOP = object()
 class SqliteBackend:
     """SQLite in WAL mode, driven by one dedicated thread that batches commits."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, health: StorageHealth | None = None) -> None:
         prepare_workspace(path.parent)
         self._path = path
+        self._health = health or StorageHealth("sessions")  # flipped by the thread, for /health/ready
         self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._loop = asyncio.get_running_loop()
         self._broken: StorageError | None = None  # set (on the loop) when the file cannot be opened
@@ -109,6 +111,7 @@ class SqliteBackend:
             # Every job fails with the reason, so an awaiting caller never hangs on a dead thread.
             self._refuse_all(self._storage_error("cannot open", exc))
             return
+        self._health.opened()
         jobs = self._jobs
         try:
             while True:
@@ -119,6 +122,7 @@ class SqliteBackend:
                 if self._run_batch(db, batch):
                     return
         finally:
+            self._health.closed()
             db.close()
 
     def _connect(self) -> sqlite3.Connection:
@@ -166,6 +170,7 @@ class SqliteBackend:
         try:
             db.execute("BEGIN")
         except sqlite3.Error as exc:  # (a disk error): every job in the batch learns it
+            self._health.failed()
             self._fail(batch, exc)
             return _STOP in batch
         for item in batch:
@@ -184,6 +189,10 @@ class SqliteBackend:
             if db.in_transaction:  # (a failed COMMIT may leave it open: the next BEGIN would fail too)
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
+        if any(exc is not None for _, _, exc in results):
+            self._health.failed()
+        else:
+            self._health.succeeded()
         if results:
             self._loop.call_soon_threadsafe(_settle, results)
         return stop
@@ -342,9 +351,10 @@ class SessionStore:
         max_messages: int = 100,
         max_chars: int = 0,
         cache_bytes: int = 64 * 1024 * 1024,
+        health: StorageHealth | None = None,
     ) -> SessionStore:
         """Open (or create) the session database under ``workspace``."""
-        backend = SqliteBackend(workspace / "sessions.db")
+        backend = SqliteBackend(workspace / "sessions.db", health)
         store = cls(backend, max_messages=max_messages, max_chars=max_chars, cache_bytes=cache_bytes)
         store._known = await backend.keys()
         return store

@@ -12,12 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from nanobot.bus import InboundKind, InboundMessage, MessageBus, OutboundKind, OutboundMessage, Usage
 from nanobot.config import AgentDefaults
-from nanobot.errors import ContextLengthError, NanobotError, ProviderError, TurnTimeoutError
+from nanobot.errors import (
+    ContextLengthError,
+    NanobotError,
+    ProviderError,
+    ProviderTimeoutError,
+    TurnTimeoutError,
+)
+from nanobot.metrics import Metrics
 from nanobot.providers.base import LLMResponse
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.providers.sse import DeltaCallback
@@ -59,6 +67,7 @@ class AgentLoop:
         *,
         turn_timeout: float,
         pressure: StreamPressure | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._bus = bus
         self._provider = provider
@@ -69,6 +78,12 @@ class AgentLoop:
         self._system: ChatMessage = {"role": "system", "content": defaults.system_prompt}
         self._running: dict[str, asyncio.Task[None]] = {}
         self._pressure = pressure
+        self._metrics = metrics or Metrics()
+
+    @property
+    def running(self) -> int:
+        """Turns running now (read when /metrics is scraped)."""
+        return len(self._running)
 
     async def run(self) -> None:
         """Take inbound messages until cancelled; on cancellation every running turn is cancelled too.
@@ -102,6 +117,7 @@ class AgentLoop:
         task.add_done_callback(lambda _t: self._running.pop(key, None))
 
     async def _turn(self, msg: InboundMessage) -> None:
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self._turn_timeout):
                 await self.run_turn(msg)
@@ -114,6 +130,8 @@ class AgentLoop:
         except Exception:  # a bug must answer the user and be logged, never kill the loop
             log.exception("turn on %s failed", msg.session_key)
             self._fail(msg, NanobotError("internal error while answering"))
+        # Answered or failed; a cancelled turn (its client left) is not a duration worth counting.
+        self._metrics.turn(msg.channel, time.monotonic() - started)
 
     def _fail(self, msg: InboundMessage, error: NanobotError) -> None:
         log.warning("turn on %s failed: %s", msg.session_key, error.message)
@@ -233,19 +251,44 @@ class AgentLoop:
         defaults = self._defaults
         while True:
             try:
-                return await self._provider.chat(
-                    prompt.messages,
-                    tools=self._tools.definitions(msg.channel) if msg.use_tools else (),
-                    max_tokens=msg.max_tokens or defaults.max_tokens,
-                    temperature=defaults.temperature if msg.temperature is None else msg.temperature,
-                    on_delta=on_delta,
-                    response_format=msg.response_format,
+                return await self._timed(
+                    self._provider.chat(
+                        prompt.messages,
+                        tools=self._tools.definitions(msg.channel) if msg.use_tools else (),
+                        max_tokens=msg.max_tokens or defaults.max_tokens,
+                        temperature=defaults.temperature if msg.temperature is None else msg.temperature,
+                        on_delta=on_delta,
+                        response_format=msg.response_format,
+                    )
                 )
             except ContextLengthError as exc:
                 had_history = prompt.history_end > prompt.history_start
                 if prompt.trimmed or not prompt.drop_oldest_turns():
                     raise ContextLengthError(_too_long(exc, had_history)) from exc
                 log.info("context length exceeded on %s: retrying without the oldest turns", msg.session_key)
+
+    async def _timed(self, call: Awaitable[LLMResponse]) -> LLMResponse:
+        """``call`` (one upstream call, retries included), its duration counted by outcome."""
+        started = time.monotonic()
+        outcome = "ok"
+        try:
+            return await call
+        except BaseException as exc:
+            outcome = _outcome(exc)
+            raise
+        finally:
+            self._metrics.upstream(outcome, time.monotonic() - started)
+
+
+def _outcome(exc: BaseException) -> str:
+    """The ``outcome`` label of a failed upstream call (a bounded set)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, ContextLengthError):
+        return "context_length"
+    if isinstance(exc, ProviderTimeoutError):
+        return "timeout"
+    return "error"
 
 
 def _images_message(results: list[tuple[str, ToolResult]]) -> tuple[ChatMessage, ChatMessage]:

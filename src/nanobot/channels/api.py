@@ -161,6 +161,11 @@ class ApiChannel(Channel):
         """Requests admitted and not yet finished."""
         return self._admitted
 
+    @property
+    def open_streams(self) -> int:
+        """Streaming requests waiting on their turns (counted when /metrics is scraped)."""
+        return sum(1 for reply in self._waiting.values() if reply.stream)
+
     async def start(self) -> None:
         """Nothing to start: the gateway's HTTP server is the receiving side."""
 

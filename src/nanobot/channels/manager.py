@@ -29,6 +29,7 @@ from nanobot.channels.outbox import NewMessage, Outbox, OutboxEntry, OutboxStore
 from nanobot.channels.telegram import TelegramChannel
 from nanobot.config import ChannelsConfig, Config
 from nanobot.errors import ChannelError
+from nanobot.health import StorageHealth
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,13 @@ _API_ONLY = frozenset({OutboundKind.DELTA, OutboundKind.TOOL_PROGRESS})
 APOLOGY = "Sorry, something went wrong while answering. Please try again in a moment."
 
 
-def build_channel_manager(config: Config, bus: MessageBus, api: ApiChannel) -> ChannelManager:
-    """Build the manager, its outbox (``<workspace>/outbox.db``) and every enabled channel."""
+def build_channel_manager(
+    config: Config, bus: MessageBus, api: ApiChannel, health: StorageHealth | None = None
+) -> ChannelManager:
+    """Build the manager, its outbox (``<workspace>/outbox.db``, reporting to ``health``) and every
+    enabled channel."""
     candidates = [ch for make in CHANNEL_FACTORIES if (ch := make(config, bus)) is not None]
-    store = OutboxStore(config.agents.defaults.workspace_path / "outbox.db")
+    store = OutboxStore(config.agents.defaults.workspace_path / "outbox.db", health)
     return ChannelManager(bus, api, candidates, store, config.channels, grace=config.api.shutdown_grace)
 
 
@@ -87,6 +91,11 @@ class ChannelManager:
     def enabled(self) -> frozenset[str]:
         """Names of the channels this process delivers to (the ones that started)."""
         return frozenset(self._channels)
+
+    @property
+    def configured(self) -> frozenset[str]:
+        """Names of the platform channels enabled in config, whether they are up or not."""
+        return frozenset(ch.name for ch in self._candidates)
 
     @property
     def starting(self) -> frozenset[str]:

@@ -32,6 +32,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from nanobot.errors import StorageError
+from nanobot.health import StorageHealth
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,19 @@ def recover(
     return [OutboxEntry.from_row(row) for row in rows]
 
 
+_WAITING = (State.PENDING, State.HELD, State.FAILED, State.EXPIRED)
+
+
+def count_waiting(conn: sqlite3.Connection) -> dict[str, int]:
+    """How many entries are in each state but ``delivered`` (those are kept a week: counting
+    them would make every scrape read a week of rows; the index makes the others cheap)."""
+    counts = dict.fromkeys(map(str, _WAITING), 0)
+    marks = ",".join("?" * len(_WAITING))
+    sql = f"SELECT state, COUNT(*) FROM outbox WHERE state IN ({marks}) GROUP BY state"
+    counts.update(conn.execute(sql, [str(s) for s in _WAITING]).fetchall())
+    return counts
+
+
 def select(conn: sqlite3.Connection, states: Iterable[State] | None = None) -> list[OutboxEntry]:
     """Entries in ``states`` (all when None), oldest first."""
     if states is None:
@@ -230,6 +244,9 @@ class Outbox(Protocol):
     async def recover(self, enabled: frozenset[str], held_max_age: float) -> list[OutboxEntry]:
         """Settle held and pending entries at start; return the pending ones, oldest first."""
 
+    async def counts(self) -> dict[str, int]:
+        """Entries per state, ``delivered`` left out (for /metrics)."""
+
 
 # --------------------------------------------------------------------------- the SQLite store
 
@@ -239,8 +256,9 @@ _Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 class OutboxStore:
     """The SQLite :class:`Outbox`: every call runs on one writer thread, batched into transactions."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, health: StorageHealth | None = None) -> None:
         self.path = path
+        self._health = health or StorageHealth("outbox")  # flipped by the writer thread, for /health/ready
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -258,6 +276,7 @@ class OutboxStore:
             raise StorageError(f"cannot open the outbox {self.path}: {exc}") from None
         self._thread = threading.Thread(target=self._work, args=(conn,), name="nanobot-outbox", daemon=True)
         self._thread.start()
+        self._health.opened()
 
     @property
     def is_open(self) -> bool:
@@ -271,6 +290,7 @@ class OutboxStore:
             return
         self._jobs.put(None)
         await asyncio.to_thread(thread.join)
+        self._health.closed()
 
     def submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Queue ``job`` for the writer thread; the future resolves once its transaction commits."""
@@ -297,6 +317,10 @@ class OutboxStore:
             return await self.submit(lambda conn: recover(conn, enabled, held_max_age, time.time()))
         except sqlite3.Error as exc:
             raise StorageError(f"cannot read the outbox {self.path}: {exc}") from None
+
+    async def counts(self) -> dict[str, int]:
+        """See :func:`count_waiting` (on the writer thread, like every other read)."""
+        return await self.submit(count_waiting)
 
     def _work(self, conn: sqlite3.Connection) -> None:
         try:
@@ -340,6 +364,10 @@ class OutboxStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             results = [(False, exc)] * len(batch)
+        if any(not ok and isinstance(value, sqlite3.Error) for ok, value in results):
+            self._health.failed()
+        else:
+            self._health.succeeded()
         assert self._loop is not None
         try:
             self._loop.call_soon_threadsafe(_settle, [fut for _, fut in batch], results)

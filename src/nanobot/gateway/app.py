@@ -1,5 +1,5 @@
 """The aiohttp application: routes, the one middleware (errors, request ids, browser rules,
-auth), and secret redaction for the app's lifetime."""
+auth), the request observer (metrics, access log), and secret redaction for the app's lifetime."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from nanobot.errors import NotFoundError
 from nanobot.gateway.browser import BrowserPolicy, add_cors_headers
 from nanobot.gateway.completions import chat_completions
 from nanobot.gateway.errors import HTTP_LOG, ONE_LINE_BAD_REQUESTS, make_middleware
+from nanobot.gateway.observe import metrics_endpoint, observer_args, readiness_endpoint
 from nanobot.gateway.sessions_api import add_session_routes
 from nanobot.gateway.state import STATE, GatewayState
 from nanobot.gateway.webchat import add_web_chat
+from nanobot.health import Readiness
+from nanobot.metrics import Family, Metrics
 from nanobot.redact import config_secrets, secrets_redacted
 
 _HEALTH = orjson.dumps({"status": "ok"})
@@ -53,16 +56,39 @@ async def model(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(_model_object(state)), content_type="application/json")
 
 
+def _gateway_families(api: ApiChannel, readiness: Readiness) -> tuple[Family, ...]:
+    """What the gateway itself reports, read when scraped."""
+    return (
+        Family("nanobot_open_streams", "Streaming chat requests in progress.", lambda: api.open_streams),
+        Family(
+            "nanobot_ready",
+            "1 when GET /health/ready answers 200.",
+            lambda: int(readiness.status() == "ready"),
+        ),
+        Family(
+            "nanobot_storage_errors_total",
+            "Storage transactions that failed, by store.",
+            lambda: {s.name: s.errors for s in readiness.stores},
+            label="store",
+            kind="counter",
+        ),
+    )
+
+
 def create_app(config: Config, bus: MessageBus, api: ApiChannel) -> web.Application:
     """Build the gateway app over ``bus``; the ``api`` channel routes replies back to requests."""
     policy = BrowserPolicy.from_config(config.api)
     HTTP_LOG.addFilter(ONE_LINE_BAD_REQUESTS)  # idempotent: the same filter object
+    metrics = Metrics()
+    readiness = Readiness()
+    observing = observer_args(metrics, count=config.api.metrics, access_log=config.api.access_log)
     # api.maxRequestBytes bounds a JSON body here; multipart bodies are counted part by part.
     app = web.Application(
         middlewares=[make_middleware(config.api.api_key, policy)],
         client_max_size=config.api.max_request_bytes,
-        # aiohttp's connection handler logs malformed requests through this logger.
-        handler_args={"logger": HTTP_LOG},
+        # aiohttp's connection handler logs malformed requests through this logger; the
+        # observer counts (and logs) every answered request, whichever runner serves the app.
+        handler_args={"logger": HTTP_LOG, **observing},
     )
     if policy.cors_origins:  # only then can a response need CORS headers
         app.on_response_prepare.append(add_cors_headers)
@@ -80,8 +106,14 @@ def create_app(config: Config, bus: MessageBus, api: ApiChannel) -> web.Applicat
         api=api,
         limits=AttachmentLimits.from_api(config.api),
         created=int(time.time()),
+        metrics=metrics,
+        readiness=readiness,
     )
     app.router.add_get("/health", health)
+    app.router.add_get("/health/ready", readiness_endpoint)
+    if config.api.metrics:
+        app.router.add_get("/metrics", metrics_endpoint)
+        metrics.watch(*_gateway_families(api, readiness))
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model:.+}", model)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -176,7 +176,9 @@ def _open_fds(limit: int) -> int | None:
 
 async def drain_requests(app: web.Application, grace: float) -> None:
     """Refuse new requests (503), let running ones finish within ``grace``, end the rest with a 503."""
-    api = app[STATE].api
+    state = app[STATE]
+    state.readiness.stop()  # /health/ready: 503 from now on, so a load balancer stops sending
+    api = state.api
     if api.admitted:
         log.info("shutting down: waiting up to %g s for %d running requests", grace, api.admitted)
     else:

@@ -10,17 +10,22 @@ from nanobot.attachments import AttachmentLimits
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
 from nanobot.config import Config
+from nanobot.health import Readiness
+from nanobot.metrics import Metrics
 
 
 @dataclass(frozen=True, slots=True)
 class GatewayState:
-    """The bus and the ``api`` channel the handlers talk to, and the settings they apply."""
+    """The bus and the ``api`` channel the handlers talk to, the settings they apply, and what
+    ``/metrics`` and ``/health/ready`` report."""
 
     config: Config
     bus: MessageBus
     api: ApiChannel
     limits: AttachmentLimits
     created: int
+    metrics: Metrics
+    readiness: Readiness
 
     @property
     def model(self) -> str:

@@ -9,12 +9,14 @@ restructuring of issue 9 moves the Protocols and the SQLite side in here, next t
 from __future__ import annotations
 
 from nanobot.config import Config
+from nanobot.health import StorageHealth
 from nanobot.sessions import SessionStore
 
 
-async def open_storage(config: Config) -> SessionStore:
+async def open_storage(config: Config, health: StorageHealth | None = None) -> SessionStore:
     """The session store ``storage.url`` names: the workspace's SQLite file (absent or
-    ``"sqlite"``), or the shared PostgreSQL database (migrated at start)."""
+    ``"sqlite"``), or the shared PostgreSQL database (migrated at start). ``health`` is the
+    store's readiness slot (``/health/ready``)."""
     defaults = config.agents.defaults
     if not config.storage.is_postgres:
         return await SessionStore.open(
@@ -22,11 +24,12 @@ async def open_storage(config: Config) -> SessionStore:
             max_messages=defaults.max_history_messages,
             max_chars=defaults.max_history_chars,
             cache_bytes=defaults.session_cache_bytes,
+            health=health,
         )
     # Imported here: asyncpg is only loaded by deployments that use it.
     from nanobot.storage.postgres import PgSessionStore, PgStorage
 
-    storage = await PgStorage.open(config.storage)
+    storage = await PgStorage.open(config.storage, health)
     return PgSessionStore(
         storage,
         lease_seconds=config.storage.lease_seconds,

@@ -18,7 +18,8 @@ import orjson
 
 from nanobot import session_table
 from nanobot.config import StorageConfig
-from nanobot.errors import LeaseLostError
+from nanobot.errors import LeaseLostError, StorageError
+from nanobot.health import StorageHealth
 from nanobot.session_table import SessionInfo
 from nanobot.storage.postgres.connect import storage_errors
 
@@ -53,9 +54,10 @@ def _no_nul(text: str) -> str:
 class PgSessionBackend:
     """Session history on PostgreSQL: every process sees every turn, whichever process ran it."""
 
-    def __init__(self, pool: asyncpg.Pool, config: StorageConfig) -> None:
+    def __init__(self, pool: asyncpg.Pool, config: StorageConfig, health: StorageHealth) -> None:
         self._pool = pool
         self._url = config.url
+        self._health = health  # flipped by each turn's write, for /health/ready
         self._writes: set[asyncio.Future[object]] = set()
 
     async def keys(self) -> set[str]:
@@ -88,8 +90,13 @@ class PgSessionBackend:
         return write
 
     async def _append(self, key: str, data: bytes, title: str, preview: str, token: int | None) -> object:
-        with storage_errors("cannot save the conversation", self._url):
-            written = await self._pool.fetchval(_APPEND, key, data, title, preview, token)
+        try:
+            with storage_errors("cannot save the conversation", self._url):
+                written = await self._pool.fetchval(_APPEND, key, data, title, preview, token)
+        except StorageError:
+            self._health.failed()
+            raise
+        self._health.succeeded()
         if written is None:
             raise LeaseLostError(
                 f"the turn on session {key!r} was not saved: it ran past its lease and another "
