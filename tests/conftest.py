@@ -20,6 +20,9 @@ from fake_llm import FakeLLM
 
 MODEL = "test-model"
 
+# tests/pg.py: the throwaway PostgreSQL server (pg_server) and a fresh database per test (pg_url).
+pytest_plugins = ["pg"]
+
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge ``extra`` into a copy of ``base``."""

@@ -218,6 +218,29 @@ class ToolsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """Where sessions, turn leases and the outbox are kept.
+
+    ``url``: empty or ``"sqlite"`` for the embedded files under the workspace (one process);
+    ``postgresql://user:password@host:port/database`` for one PostgreSQL shared by any number of
+    processes. Secret: the URL holds the password (redacted whole, and its password alone).
+    """
+
+    url: str = field(default="", repr=False, metadata=_SECRET)
+    pool_size: int = 10  # PostgreSQL connections per process
+    connect_timeout: float = 10.0  # seconds to reach PostgreSQL at start before giving up
+    lease_seconds: float = 30.0  # a crashed process blocks its sessions at most this long
+
+    @property
+    def is_postgres(self) -> bool:
+        """Whether ``url`` names a PostgreSQL database (else the embedded SQLite files)."""
+        return self.url.startswith(POSTGRES_SCHEMES)
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole nanobot configuration."""
 
@@ -226,6 +249,7 @@ class Config:
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     warnings: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
 
     @property
@@ -455,6 +479,7 @@ def _check(config: Config) -> None:
         raise ConfigError("api.shutdownGrace: must not be negative")
     if api.client_history not in ("reject", "accept"):
         raise ConfigError(f'api.clientHistory: expected "reject" or "accept", got {api.client_history!r}')
+    _check_storage(config.storage)
     if not config.agents.defaults.model:
         raise ConfigError("agents.defaults.model: must not be empty")
     if config.agents.defaults.max_tool_iterations < 1:
@@ -471,6 +496,22 @@ def _check(config: Config) -> None:
     for name, server in tools.mcp_servers.items():
         _check_mcp_server(name, server)
     config.provider()  # validates the provider choice
+
+
+def _check_storage(storage: StorageConfig) -> None:
+    if storage.url not in ("", "sqlite") and not storage.is_postgres:
+        # Only the scheme is quoted: the rest of the URL may hold a password.
+        scheme = storage.url.split(":", 1)[0][:20] if ":" in storage.url else "(none)"
+        raise ConfigError(
+            f'storage.url: expected "sqlite" or a postgresql:// URL, got one with scheme {scheme!r}'
+        )
+    for key, bound in (
+        ("poolSize", storage.pool_size),
+        ("connectTimeout", storage.connect_timeout),
+        ("leaseSeconds", storage.lease_seconds),
+    ):
+        if bound <= 0:
+            raise ConfigError(f"storage.{key}: must be greater than 0")
 
 
 _MCP_TYPES = {"": "", "stdio": "stdio", "streamableHttp": "http", "streamable_http": "http", "http": "http"}

@@ -7,6 +7,7 @@ error bodies in one middleware; the CLI maps them to one line and an exit code.
     NanobotError                    base; ``status``, ``type``, ``code``, ``param``
     ├── ConfigError                 a bad config file or value (CLI exit 2)
     ├── StorageError                the workspace or a database in it is unusable (CLI exit 2)
+    │   └── LeaseLostError          a turn's session lease passed to another holder (503, retry)
     ├── RequestError                the client's request is malformed (400)
     │   ├── AuthenticationError     missing or wrong API key (401)
     │   ├── NotFoundError           unknown route (404)
@@ -61,6 +62,15 @@ class StorageError(NanobotError):
 
     status = 500
     code = "storage_error"
+
+
+class LeaseLostError(StorageError):
+    """A turn held its session's lease past its expiry and another holder took it: the turn
+    is not saved (fencing), so it can never write over a newer one."""
+
+    status = 503
+    code = "session_busy"
+    should_retry = True
 
 
 class RequestError(NanobotError):

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 MIN_SECRET_CHARS = 8  # shorter values would redact ordinary words; such a key is weak anyway
 REDACTED = "[redacted]"
@@ -48,6 +49,24 @@ def _collect(value: object, secret: bool, found: set[str]) -> None:
             _collect(item, secret, found)
     elif secret and isinstance(value, str) and value:
         found.add(value)
+        found.update(url_passwords(value))
+
+
+def url_passwords(value: str) -> list[str]:
+    """The password inside a secret URL (``storage.url``), as written and decoded: an error may
+    quote either without the rest of the URL."""
+    if "://" not in value:
+        return []
+    try:
+        parts = urlsplit(value)
+        password = parts.password
+    except ValueError:
+        return []
+    found = [password, unquote(password)] if password else []
+    for name, given in parse_qsl(parts.query):
+        if name == "password" and given:  # (libpq also takes it as a query parameter)
+            found += [given, quote(given, safe="")]
+    return found
 
 
 def redact(text: str) -> str:

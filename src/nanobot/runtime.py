@@ -17,7 +17,7 @@ from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
 from nanobot.channels.lifecycle import RetryPolicy, reload_on_signal
 from nanobot.channels.manager import ChannelManager, build_channel_manager
-from nanobot.config import Config, describe_provider
+from nanobot.config import Config, describe_provider, safe_url
 from nanobot.errors import NanobotError
 from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until
@@ -25,7 +25,7 @@ from nanobot.gateway.sessions_api import SESSION_STORE
 from nanobot.gateway.state import STATE
 from nanobot.metrics import Family
 from nanobot.providers.openai_compat import OpenAICompatProvider
-from nanobot.sessions import SessionStore
+from nanobot.storage import open_storage
 from nanobot.tools import ToolRegistry
 from nanobot.tools.builtin import builtin_tools
 from nanobot.tools.mcp import McpServers
@@ -65,13 +65,7 @@ def build_app(config: Config) -> web.Application:
     async def runtime(_app: web.Application) -> AsyncIterator[None]:
         defaults = config.agents.defaults
         _name, provider_config = config.provider()
-        sessions = await SessionStore.open(
-            defaults.workspace_path,
-            max_messages=defaults.max_history_messages,
-            max_chars=defaults.max_history_chars,
-            cache_bytes=defaults.session_cache_bytes,
-            health=readiness.store("sessions"),
-        )
+        sessions = await open_storage(config, readiness.store("sessions"))
         app[SESSION_STORE].store = sessions  # the /v1/sessions routes
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
@@ -159,6 +153,8 @@ def describe(config: Config, source: str) -> None:
     log.info("config: %s", source or "built-in defaults (no config file)")
     log.info("provider: %s at %s, model %s", provider.name, provider.api_base, config.model)
     log.info("workspace: %s", config.agents.defaults.workspace_path)
+    if config.storage.is_postgres:
+        log.info("storage: %s (shared)", safe_url(config.storage.url))
     if provider.key_missing:
         log.warning("provider %s has no apiKey: an upstream that needs one refuses every request "
                     "(set providers.%s.apiKey)", provider.name, provider.name)  # fmt: skip

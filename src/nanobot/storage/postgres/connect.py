@@ -1,0 +1,61 @@
+"""Reaching PostgreSQL: the connection pool, and driver errors translated into StorageError.
+
+Every message that leaves here names the database without its credentials (``safe_url``) and
+has the URL's password removed, even where no :func:`nanobot.redact.secrets_redacted` is active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import asyncpg
+
+from nanobot.config import StorageConfig, safe_url
+from nanobot.errors import StorageError
+from nanobot.redact import REDACTED, redact, url_passwords
+
+# What the driver raises for an unreachable, refusing or failing server.
+DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def describe(url: str) -> str:
+    """The database's address for messages: ``postgresql://host:port/db``, no user or password."""
+    return safe_url(url)
+
+
+def reason(exc: BaseException, url: str) -> str:
+    """A one-line cause for ``exc`` with every secret (and the URL's password) removed."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    elif isinstance(exc, TimeoutError):
+        text = "timed out"
+    else:
+        text = str(exc) or type(exc).__name__
+    for password in url_passwords(url):
+        text = text.replace(password, REDACTED)
+    return redact(" ".join(text.split()))
+
+
+@contextlib.contextmanager
+def storage_errors(doing: str, url: str) -> Iterator[None]:
+    """Turn a driver error raised inside into a :class:`StorageError` saying what failed."""
+    try:
+        yield
+    except DRIVER_ERRORS as exc:
+        raise StorageError(f"{doing} (PostgreSQL {describe(url)}): {reason(exc, url)}") from None
+
+
+async def create_pool(config: StorageConfig) -> asyncpg.Pool:
+    """A pool of up to ``storage.poolSize`` connections; a StorageError naming the cause if the
+    server cannot be reached within ``storage.connectTimeout``."""
+    try:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            config.url,
+            min_size=1,
+            max_size=config.pool_size,
+            timeout=config.connect_timeout,
+        )
+    except (*DRIVER_ERRORS, ValueError) as exc:  # (ValueError: a malformed URL)
+        raise StorageError(f"cannot open {describe(config.url)}: {reason(exc, config.url)}") from None
+    return pool

@@ -1,0 +1,191 @@
+"""Turn leases on PostgreSQL: one turn per session at a time, across every process.
+
+A lease is a row of ``turn_leases`` (session, holder, token, expires_at). :meth:`acquire` takes
+it when there is none or the current one has expired, with a new token from one sequence, so
+tokens only grow: a holder that stalled past its lease holds a token that no longer matches,
+and :meth:`PgSessionBackend.append` refuses its write (fencing). Expiry is judged by the
+server's clock, so the machines' clocks do not matter.
+
+Waiting is FIFO within a process (a local lock per session: only the oldest local waiter
+contends in PostgreSQL) and first-come across processes. Waiters sleep until a release is
+announced with ``NOTIFY`` (one listening connection per process) or the current lease expires
+(a holder that crashed never announces anything): no polling loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+
+import asyncpg
+
+from nanobot.config import StorageConfig
+from nanobot.errors import StorageError
+from nanobot.storage.postgres.connect import DRIVER_ERRORS, reason, storage_errors
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "nanobot_turn_lease"
+
+# Take the lease if it is free or expired; else say how long the current one has left.
+# (The snapshot may miss a lease committed a moment ago: then ``remaining`` is NULL: try again.)
+_ACQUIRE = """
+WITH taken AS (
+    INSERT INTO turn_leases AS l (session, holder, token, expires_at)
+    VALUES ($1, $2, nextval('turn_lease_tokens'), clock_timestamp() + make_interval(secs => $3))
+    ON CONFLICT (session) DO UPDATE
+        SET holder = EXCLUDED.holder, token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
+        WHERE l.expires_at <= clock_timestamp()
+    RETURNING token
+)
+SELECT (SELECT token FROM taken) AS token,
+       (SELECT EXTRACT(EPOCH FROM expires_at - clock_timestamp())::float8
+          FROM turn_leases WHERE session = $1) AS remaining
+"""
+_RENEW = """
+UPDATE turn_leases SET expires_at = clock_timestamp() + make_interval(secs => $3)
+WHERE session = $1 AND token = $2
+"""
+_RELEASE = f"""
+WITH gone AS (DELETE FROM turn_leases WHERE session = $1 AND token = $2 RETURNING session)
+SELECT pg_notify('{CHANNEL}', md5(session)) FROM gone
+"""
+_RACE_RETRY = 0.01  # seconds before trying again after the snapshot race above (rare)
+
+
+def _digest(key: str) -> str:
+    """What a release announces: md5 of the key (a NOTIFY payload is bounded; keys are not)."""
+    return hashlib.md5(key.encode(), usedforsecurity=False).hexdigest()
+
+
+class PgTurnLeases:
+    """Session turn leases with fencing tokens, shared by every process on one database."""
+
+    def __init__(self, pool: asyncpg.Pool, config: StorageConfig) -> None:
+        self._pool = pool
+        self._url = config.url
+        self._connect_timeout = config.connect_timeout
+        self._listener: asyncpg.Connection | None = None
+        self._listening = asyncio.Lock()
+        self._wakeups: dict[str, set[asyncio.Event]] = {}
+        self._local: dict[str, asyncio.Lock] = {}
+        self._queued: dict[str, int] = {}
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def acquire(self, key: str, holder: str, ttl: float) -> int:
+        """Wait for ``key``'s lease and take it for ``ttl`` seconds; its fencing token.
+
+        ``holder`` names the taker (process and turn) for diagnostics. Cancelling the wait
+        leaves no lease behind.
+        """
+        lock = self._local.get(key)
+        if lock is None:
+            lock = self._local[key] = asyncio.Lock()
+        self._queued[key] = self._queued.get(key, 0) + 1
+        try:
+            async with lock:  # the oldest local waiter contends; the others queue behind it
+                return await self._contend(key, holder, ttl)
+        finally:
+            left = self._queued[key] - 1
+            if left:
+                self._queued[key] = left
+            else:
+                del self._queued[key], self._local[key]
+
+    async def _contend(self, key: str, holder: str, ttl: float) -> int:
+        digest = _digest(key)
+        while True:
+            await self._listen()
+            woken = asyncio.Event()  # registered before trying, so a release in between is seen
+            self._wakeups.setdefault(digest, set()).add(woken)
+            try:
+                token, remaining = await self._try(key, holder, ttl)
+                if token is not None:
+                    return token
+                wait = _RACE_RETRY if remaining is None else max(remaining, 0.0) + 0.001
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await woken.wait()
+            finally:
+                waiting = self._wakeups[digest]
+                waiting.discard(woken)
+                if not waiting:
+                    del self._wakeups[digest]
+
+    async def _try(self, key: str, holder: str, ttl: float) -> tuple[int | None, float | None]:
+        """One attempt; shielded, so a cancelled caller cannot leave a lease nobody knows of."""
+        attempt = asyncio.ensure_future(self._pool.fetchrow(_ACQUIRE, key, holder, ttl))
+        try:
+            with storage_errors("cannot take a session lease", self._url):
+                row = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            cleanup = asyncio.ensure_future(self._undo(key, attempt))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+            raise
+        assert row is not None  # (the statement always returns one row)
+        return row["token"], row["remaining"]
+
+    async def _undo(self, key: str, attempt: asyncio.Future[asyncpg.Record | None]) -> None:
+        try:
+            row = await attempt
+            if row is not None and row["token"] is not None:
+                await self.release(key, row["token"])
+        except (StorageError, *DRIVER_ERRORS) as exc:
+            log.warning("a cancelled turn's session lease expires on its own: %s", reason(exc, self._url))
+
+    async def renew(self, key: str, token: int, ttl: float) -> bool:
+        """Extend the lease by ``ttl`` seconds from now; False when ``token`` no longer holds it."""
+        with storage_errors("cannot renew a session lease", self._url):
+            status = await self._pool.execute(_RENEW, key, token, ttl)
+        return status == "UPDATE 1"
+
+    async def release(self, key: str, token: int) -> bool:
+        """Give the lease back and wake its waiters; False when ``token`` no longer held it."""
+        with storage_errors("cannot release a session lease", self._url):
+            rows = await self._pool.fetch(_RELEASE, key, token)
+        return bool(rows)
+
+    async def holder(self, key: str) -> tuple[str, int] | None:
+        """Who holds ``key``'s unexpired lease, and its token (for diagnostics and tests)."""
+        with storage_errors("cannot read a session lease", self._url):
+            row = await self._pool.fetchrow(
+                "SELECT holder, token FROM turn_leases WHERE session = $1 AND expires_at > clock_timestamp()",
+                key,
+            )
+        return None if row is None else (row["holder"], row["token"])
+
+    async def close(self) -> None:
+        """Stop listening; wait for the clean-up of cancelled attempts."""
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+        listener, self._listener = self._listener, None
+        if listener is not None and not listener.is_closed():
+            with contextlib.suppress(*DRIVER_ERRORS):  # (closing: nothing left to tell)
+                await listener.close(timeout=5)
+
+    # -- wake-ups
+    async def _listen(self) -> None:
+        """Make sure this process listens for releases (again, after losing the connection)."""
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        async with self._listening:
+            if self._listener is not None and not self._listener.is_closed():
+                return
+            with storage_errors("cannot listen for session leases", self._url):
+                listener = await asyncpg.connect(self._url, timeout=self._connect_timeout)
+                await listener.add_listener(CHANNEL, self._on_release)
+            # Lost notifications cost at most the rest of a lease: waiters also wake at expiry.
+            listener.add_termination_listener(self._on_lost)
+            self._listener = listener
+
+    def _on_release(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        for woken in self._wakeups.get(str(payload), ()):
+            woken.set()
+
+    def _on_lost(self, _conn: object) -> None:
+        for waiting in self._wakeups.values():  # (they try again, then listen on a new connection)
+            for woken in waiting:
+                woken.set()

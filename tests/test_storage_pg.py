@@ -1,0 +1,215 @@
+"""PostgreSQL storage: start-up (migrations, errors), and turn leases with fencing across processes.
+
+Each ``PgStorage`` here stands for one nanobot process: its own pool and its own listening
+connection on the same database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from nanobot.config import StorageConfig, parse_config
+from nanobot.errors import ConfigError, LeaseLostError, StorageError
+from nanobot.redact import config_secrets
+from nanobot.storage.postgres import SCHEMA_VERSION, PgStorage
+from pg import _QUOTED_PASSWORD, PASSWORD, PgServer
+
+TURN = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+Opener = Callable[[], Awaitable[PgStorage]]
+
+
+@pytest.fixture
+async def open_storage(pg_url: str) -> AsyncIterator[Opener]:
+    """Opens ``PgStorage``s ("processes") on one fresh database; closes them all at the end."""
+    opened: list[PgStorage] = []
+
+    async def open_one() -> PgStorage:
+        storage = await PgStorage.open(StorageConfig(url=pg_url, pool_size=4))
+        opened.append(storage)
+        return storage
+
+    yield open_one
+    for storage in opened:
+        if not storage.pool.is_closing():
+            await storage.close()
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+async def test_ten_processes_starting_at_once_migrate_once(pg_url: str) -> None:
+    """Ten processes starting together on an empty database all start, and the schema is made once."""
+    config = StorageConfig(url=pg_url, pool_size=2)
+    started = await asyncio.gather(*(PgStorage.open(config) for _ in range(10)))
+    try:
+        assert sorted(s.schema_found for s in started) == [0] + [SCHEMA_VERSION] * 9
+        versions = await started[0].pool.fetch("SELECT version FROM nanobot_schema ORDER BY version")
+        assert [r["version"] for r in versions] == list(range(1, SCHEMA_VERSION + 1))
+        tables = await started[0].pool.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
+        )
+        assert {r["tablename"] for r in tables} >= {
+            "sessions", "turns", "turn_leases", "outbox", "outbox_lanes", "inbound_updates",
+        }  # fmt: skip
+    finally:
+        await asyncio.gather(*(s.close() for s in started))
+
+
+async def test_a_database_from_a_newer_nanobot_is_refused(pg_url: str) -> None:
+    """Start-up refuses a database whose schema is newer than this nanobot knows, and says so."""
+    storage = await PgStorage.open(StorageConfig(url=pg_url))
+    await storage.pool.execute("INSERT INTO nanobot_schema (version) VALUES ($1)", SCHEMA_VERSION + 5)
+    await storage.close()
+    with pytest.raises(StorageError, match="newer nanobot"):
+        await PgStorage.open(StorageConfig(url=pg_url))
+
+
+async def test_a_wrong_password_is_one_clean_error_without_the_password(
+    pg_server: PgServer, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused login names the database and the cause, never the password that was tried."""
+    wrong = "Wr0ng-Secret-Pass"
+    url = pg_url.replace(_QUOTED_PASSWORD, wrong)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(StorageError) as caught:
+        await PgStorage.open(StorageConfig(url=url))
+    message = str(caught.value)
+    assert f"127.0.0.1:{pg_server.port}/" in message and "password authentication failed" in message
+    assert wrong not in message and PASSWORD not in message
+    assert wrong not in caplog.text
+
+
+async def test_an_unreachable_server_is_one_clean_error(unused_tcp_port: int) -> None:
+    """A server that is not there is a StorageError naming the address, soon, not a hang."""
+    url = f"postgresql://u:Sup3r-Secret-Pw@127.0.0.1:{unused_tcp_port}/db"
+    with pytest.raises(StorageError) as caught:
+        await PgStorage.open(StorageConfig(url=url, connect_timeout=5))
+    message = str(caught.value)
+    assert f"127.0.0.1:{unused_tcp_port}/db" in message and "Sup3r-Secret-Pw" not in message
+
+
+def test_storage_url_is_checked_and_kept_secret() -> None:
+    """storage.url must be sqlite or postgresql://; its password counts as a secret everywhere."""
+    url = "postgresql://bot:Pa55%2Fword-long@db.internal:5432/nanobot"
+    config = parse_config({"storage": {"url": url, "leaseSeconds": 12}})
+    assert config.storage.is_postgres and config.storage.lease_seconds == 12
+    assert url not in repr(config) and "Pa55" not in repr(config)
+    assert {url, "Pa55%2Fword-long", "Pa55/word-long"} <= config_secrets(config)
+    assert not parse_config({"storage": {"url": "sqlite"}}).storage.is_postgres
+    with pytest.raises(ConfigError, match=r"storage\.url") as caught:
+        parse_config({"storage": {"url": "mysql://root:Hunter2-Secret@h/db"}})
+    assert "Hunter2" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"storage\.leaseSeconds"):
+        parse_config({"storage": {"leaseSeconds": 0}})
+
+
+# --------------------------------------------------------------------------- turn leases
+
+
+async def tried(storage: PgStorage, attempts: int) -> None:
+    """Wait until ``attempts`` lease attempts were made in all (each draws a token, won or not)."""
+    async with asyncio.timeout(30):
+        # (another process's state: polled, with a deadline)
+        while await storage.pool.fetchval("SELECT last_value FROM turn_lease_tokens") < attempts:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_two_processes_take_turns_on_one_session(open_storage: Opener) -> None:
+    """While one process holds a session's lease, another waits; a release wakes it at once."""
+    one, two = await open_storage(), await open_storage()
+    first = await one.leases.acquire("api:s", "one", 3600)  # (only a NOTIFY can wake the waiter)
+    waiting = asyncio.create_task(two.leases.acquire("api:s", "two", 3600))
+    await tried(one, first + 1)  # the other process has tried, and waits
+    await one.sessions.append("api:s", TURN, first)
+    assert await two.leases.holder("api:s") == ("one", first)
+    assert not waiting.done()
+    assert await one.leases.release("api:s", first)
+    second = await asyncio.wait_for(waiting, 30)
+    assert second > first
+    assert await one.leases.holder("api:s") == ("two", second)
+    await two.sessions.append("api:s", TURN, second)
+    assert len(await one.sessions.load("api:s", 10)) == 4
+
+
+async def test_waiters_in_one_process_are_served_in_order(open_storage: Opener) -> None:
+    """Turns queued on one session in one process run in the order they arrived."""
+    storage = await open_storage()
+    token = await storage.leases.acquire("api:q", "first", 3600)
+    order: list[str] = []
+
+    async def turn_of(name: str) -> None:
+        mine = await storage.leases.acquire("api:q", name, 3600)
+        order.append(name)
+        await storage.leases.release("api:q", mine)
+
+    waiters = [asyncio.create_task(turn_of(f"w{i}")) for i in range(5)]
+    await storage.leases.release("api:q", token)
+    await asyncio.wait_for(asyncio.gather(*waiters), 30)
+    assert order == [f"w{i}" for i in range(5)]
+
+
+async def test_a_crashed_holder_blocks_its_session_only_until_the_lease_ends(open_storage: Opener) -> None:
+    """A process that dies holding a lease (never releasing) blocks that session only for its lease."""
+    crashed, survivor = await open_storage(), await open_storage()
+    await crashed.leases.acquire("api:c", "crashed", 0.5)
+    crashed.pool.terminate()  # gone without a word: no release, no NOTIFY
+    await crashed.leases.close()
+    token = await asyncio.wait_for(survivor.leases.acquire("api:c", "survivor", 30), 30)
+    await survivor.sessions.append("api:c", TURN, token)
+    assert await survivor.leases.holder("api:c") == ("survivor", token)
+
+
+async def test_a_stalled_holder_cannot_write_over_a_newer_turn(open_storage: Opener) -> None:
+    """A turn that ran past its lease is refused when it tries to save; the newer turn stands."""
+    slow, fast = await open_storage(), await open_storage()
+    stale = await slow.leases.acquire("api:f", "slow", 0.3)
+    fresh = await asyncio.wait_for(fast.leases.acquire("api:f", "fast", 30), 30)  # after expiry
+    newer = [{"role": "user", "content": "newer"}, {"role": "assistant", "content": "kept"}]
+    await fast.sessions.append("api:f", newer, fresh)
+    with pytest.raises(LeaseLostError, match="not saved"):
+        await slow.sessions.append("api:f", [{"role": "user", "content": "stale"}], stale)
+    assert not await slow.leases.renew("api:f", stale, 30)
+    assert not await slow.leases.release("api:f", stale)  # ... and cannot free the newer holder
+    assert await fast.leases.holder("api:f") == ("fast", fresh)
+    assert await fast.sessions.load("api:f", 10) == newer
+    assert await fast.leases.renew("api:f", fresh, 30)
+
+
+async def test_a_released_token_cannot_write(open_storage: Opener) -> None:
+    """After a turn released its lease, its token writes nothing, even with nobody else holding it."""
+    storage = await open_storage()
+    token = await storage.leases.acquire("api:r", "me", 30)
+    await storage.leases.release("api:r", token)
+    with pytest.raises(LeaseLostError):
+        await storage.sessions.append("api:r", TURN, token)
+    assert await storage.sessions.keys() == set()
+
+
+async def test_a_cancelled_waiter_leaves_nothing_behind(open_storage: Opener) -> None:
+    """A turn cancelled while waiting for its session (client gone) does not hold up the next one."""
+    one, two = await open_storage(), await open_storage()
+    token = await one.leases.acquire("api:x", "one", 3600)
+    gone = asyncio.create_task(two.leases.acquire("api:x", "gone", 3600))
+    nxt = asyncio.create_task(two.leases.acquire("api:x", "next", 3600))
+    await tried(one, token + 1)  # "gone" has tried and waits; "next" queues behind it
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    await tried(one, token + 2)  # now "next" has tried too
+    await one.leases.release("api:x", token)
+    second = await asyncio.wait_for(nxt, 30)
+    assert await one.leases.holder("api:x") == ("next", second)
+
+
+async def test_lease_storage_errors_are_storage_errors(open_storage: Opener) -> None:
+    """When the database goes away, lease calls fail with a StorageError, not a driver exception."""
+    storage = await open_storage()
+    await storage.pool.close()
+    with pytest.raises(StorageError, match="session lease"):
+        await storage.leases.acquire("api:z", "me", 30)
+    await storage.leases.close()
