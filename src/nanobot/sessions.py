@@ -417,7 +417,12 @@ class SessionStore:
         self._costs: dict[str, int] = {}  # key -> its cached messages' approximate size
         self._cache_bytes = 0
         self._known: set[str] = set()
-        self.lock = KeyedLocks()  # ``async with store.lock(key):`` holds a session's turn lock
+        self._locks = KeyedLocks()
+
+    def lock(self, key: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """``async with store.lock(key):`` holds ``key``'s turn lock: turns on one session never
+        interleave (FIFO); nearly free when nobody waits (see :mod:`nanobot.keylock`)."""
+        return self._locks(key)
 
     @classmethod
     async def open(
