@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from bench.harness import GATEWAY_CPUS, Bench, gateway_argv
+from bench.harness import Bench, gateway_argv
 from bench.procs import ROOT, HarnessError, free_port, wait_healthy
 from bench.report import Report, Row
 
@@ -88,7 +88,7 @@ def _launch(b: Bench) -> tuple[Any, int]:
     config["tools"] = {"mcpServers": {"demo": {"command": sys.executable, "args": [str(DEMO), "stdio"]}}}
     path.write_bytes(orjson.dumps(config))
     started = time.perf_counter()
-    proc = b.children.spawn("gateway-mcp", gateway_argv(path), cpus=GATEWAY_CPUS)
+    proc = b.children.spawn("gateway-mcp", gateway_argv(path), cpus=b.cpus.server)
     wait_healthy(proc, port, started, b.settings.health_timeout)
     log = b.tmp / "gateway-mcp.log"
     deadline = time.monotonic() + UP_TIMEOUT
