@@ -80,7 +80,13 @@ async def test_pages_follow_the_after_cursor_without_gaps_or_repeats(gateway: st
     assert [s["id"] for s in first["data"]] == ["s4", "s3"] and first["has_more"] is True
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=101", "limit=abc", "after=nobody", "after=%01x"])
+BAD_QUERIES = [
+    *("limit=0", "limit=101", "limit=abc", "limit=%C2%B2", "limit=" + "9" * 5000),
+    *("after=nobody", "after=%01x"),
+]
+
+
+@pytest.mark.parametrize("query", BAD_QUERIES)
 async def test_bad_list_parameters_are_400s(gateway: str, query: str) -> None:
     """A limit outside 1-100, or an after that names no session, is a 400 naming the parameter."""
     await chat(gateway, "hi", "one")
@@ -332,3 +338,28 @@ async def test_a_database_from_a_newer_version_is_refused_at_start(tmp_path: Pat
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 2, lines
     assert len(lines) == 1 and "sessions.db" in lines[0] and "newer nanobot (schema 99" in lines[0], lines
+
+
+async def test_a_damaged_turn_is_a_clean_error_and_the_store_keeps_working(
+    start_gateway: Callable[..., Awaitable[str]], tmp_path: Path
+) -> None:
+    """A stored turn that is not JSON any more makes reading that session a 500 storage_error
+    (no traceback), and the database thread survives it: every later request is answered."""
+    from nanobot.sessions import SessionStore
+
+    workspace = tmp_path / "ws"
+    store = await SessionStore.open(workspace)
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    await store.append_turn("api:broken", turn)
+    await store.close()
+    db = sqlite3.connect(workspace / "sessions.db")
+    db.execute("UPDATE turns SET data = ? WHERE session = 'api:broken'", (b"not json",))
+    db.commit()
+    db.close()
+    url = await start_gateway()
+    status, data = await call("GET", f"{url}/v1/sessions/broken")
+    assert status == 500 and data["error"]["code"] == "storage_error", data
+    status, data = await call("GET", f"{url}/v1/sessions")  # the thread is still there
+    assert status == 200 and [s["id"] for s in data["data"]] == ["broken"]
+    body = {"messages": [{"role": "user", "content": "still here?"}], "session_id": "fine"}
+    assert (await call("POST", f"{url}/v1/chat/completions", body))[0] == 200

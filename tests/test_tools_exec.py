@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -80,3 +82,16 @@ async def test_background_jobs_do_not_outlive_the_command(start_gateway: Gateway
     text = await call_on(url, fake_llm, "exec", {"command": "sleep 300 >/dev/null 2>&1 & echo $!"})
     assert text.startswith("exit code: 0\n")
     assert not alive(int(text.splitlines()[1]))
+
+
+async def test_a_process_that_leaves_the_group_does_not_hang_the_turn(
+    start_gateway: Gateway, fake_llm: FakeLLM, tmp_path: Path
+) -> None:
+    """A command whose child starts its own session (setsid) and keeps the output pipe open still
+    answers once the command ends; the model is told the output was cut."""
+    url = await start_gateway({"tools": {"exec": {"enable": True, "timeout": 1}}})
+    pid_file = tmp_path / "daemon.pid"
+    command = f"setsid sh -c 'echo $$ > {pid_file}; exec sleep 30' & echo hi"
+    text = await call_on(url, fake_llm, "exec", {"command": command})
+    assert "output cut: a process the command started outside its group still holds it" in text, text
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)  # (ours to clean up: it left the group on purpose)

@@ -152,6 +152,10 @@ async def test_a_name_is_checked_after_dns(
         ("http://224.0.0.1/", "224.0.0.1 is a multicast address"),
         ("http://0x7f.1/", "0x7f.1 resolves to 127.0.0.1, which is a loopback address"),
         ("http://127.0.0.1:80@10.0.0.1/", "10.0.0.1 is a private address"),
+        # IPv6 forms that carry an IPv4 address: IPv4-compatible, NAT64, 6to4
+        ("http://[::127.0.0.1]/", "::7f00:1 is a loopback address"),
+        ("http://[64:ff9b::a9fe:a9fe]/", "64:ff9b::a9fe:a9fe is a cloud metadata address"),
+        ("http://[2002:a00:1::]/", "2002:a00:1:: is a private address"),
     ],
 )
 async def test_private_and_metadata_addresses_are_refused(

@@ -454,3 +454,15 @@ async def test_a_stream_event_of_an_odd_shape_is_named(gateway: str, fake_llm: F
     fake_llm.push(Step(sse=[odd, b"data: [DONE]\n\n"]))
     error = orjson.loads(sse_events(await post_stream(gateway, HI))[-1])["error"]
     assert "unexpected shape" in error["message"] and '"index":"first"' in error["message"]
+
+
+async def test_a_stream_of_many_small_lines_is_bounded_too(
+    start_gateway: Callable[..., Awaitable[str]], fake_llm: FakeLLM
+) -> None:
+    """An upstream that streams without end in small deltas is cut at providers.*.maxResponseBytes
+    (the whole stream, not only each line): an error event naming the limit, nothing saved."""
+    url = await start_gateway({"providers": {"fake": {"maxResponseBytes": 100_000}}})
+    fake_llm.push(Step(chunks=["y" * 100] * 3000))
+    events = sse_events(await post_stream(url, HI))
+    error = orjson.loads(events[-1])["error"]
+    assert "stream larger than 100000 bytes" in error["message"], error

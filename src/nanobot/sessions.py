@@ -141,7 +141,13 @@ class SqliteBackend:
                 item = jobs.get()
                 if item is _STOP:
                     return
-                self._loop.call_soon_threadsafe(self._done, self._run_batch(db, cast(_Batch, item)))
+                batch = cast(_Batch, item)
+                try:
+                    results = self._run_batch(db, batch)
+                except Exception as exc:  # never let the thread die: every waiter would hang
+                    failure = _as_db_error(exc)
+                    results = [(fut, None, failure) for _job, fut in batch]
+                self._loop.call_soon_threadsafe(self._done, results)
         finally:
             self._health.closed()
             db.close()
@@ -324,10 +330,27 @@ def _run_step(db: sqlite3.Connection, step: _Batch) -> _Results:
     first = step[0][0]
     if isinstance(first, tuple):
         return _insert_turns(db, step)
+    # A job of several statements (a delete: the session's row, then its turns) is all or
+    # nothing: a savepoint (in a batch of one it is the transaction itself).
     try:
-        return [(step[0][1], first(db), None)]
-    except sqlite3.Error as exc:
-        return [(fut, None, exc) for _job, fut in step]
+        db.execute("SAVEPOINT job")
+        try:
+            result = first(db)
+        except Exception:
+            db.execute("ROLLBACK TO job")
+            raise
+        finally:
+            db.execute("RELEASE job")
+    except Exception as exc:  # damaged data (a turn that is not JSON) too: a clean error, not a dead thread
+        return [(fut, None, _as_db_error(exc)) for _job, fut in step]
+    return [(step[0][1], result, None)]
+
+
+def _as_db_error(exc: BaseException) -> sqlite3.Error:
+    """``exc`` as the sqlite3 error callers handle (damaged data shows up as ValueError)."""
+    if isinstance(exc, sqlite3.Error):
+        return exc
+    return sqlite3.DatabaseError(f"damaged data in the session database ({type(exc).__name__}: {exc})")
 
 
 def _insert_turns(db: sqlite3.Connection, step: _Batch) -> _Results:
@@ -494,17 +517,26 @@ class SessionStore:
     # -- sessions over HTTP: listing, reading, renaming, deleting (off the turn path)
     async def page(self, prefix: str, limit: int, after: str | None) -> tuple[list[SessionInfo], bool] | None:
         """Sessions whose key starts with ``prefix``, newest first (see :meth:`SessionBackend.page`)."""
-        return await self._backend.page(prefix, limit, after)
+        try:
+            return await self._backend.page(prefix, limit, after)
+        except sqlite3.Error as exc:
+            raise StorageError(f"could not list the sessions: {exc}") from exc
 
     async def read(
         self, key: str, max_messages: int, max_bytes: int
     ) -> tuple[SessionInfo, list[ChatMessage], bool] | None:
         """The whole stored history of ``key`` (not only the model's window), bounded."""
-        return await self._backend.read(key, max_messages, max_bytes)
+        try:
+            return await self._backend.read(key, max_messages, max_bytes)
+        except sqlite3.Error as exc:
+            raise StorageError(f"could not read the conversation: {exc}") from exc
 
     async def rename(self, key: str, title: str) -> SessionInfo | None:
         """Set the title of an existing session."""
-        return await self._backend.rename(key, title)
+        try:
+            return await self._backend.rename(key, title)
+        except sqlite3.Error as exc:
+            raise StorageError(f"could not rename the conversation: {exc}") from exc
 
     async def delete(self, key: str) -> bool:
         """Forget ``key`` on disk and in memory; waits for a running turn (the turn lock), so it

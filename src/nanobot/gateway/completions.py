@@ -285,7 +285,10 @@ async def _stream(
     """Relay the turn as SSE; returns the response and whether the turn reached its end."""
     resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": rid})
     writer = ChunkWriter(_completion_id(), int(time.time()), state.model)
-    await resp.prepare(request)
+    try:
+        await resp.prepare(request)  # (the client may already be gone)
+    except ConnectionResetError:
+        return resp, False
     pacer = _Pacer(request, reply, state.config.api, rid)
     try:
         await pacer.write(resp, writer.role())

@@ -78,7 +78,8 @@ def _json(body: object) -> web.Response:
 def _limit(value: str | None) -> int:
     if value is None:
         return 20
-    if not value.isdigit() or not 1 <= int(value) <= 100:
+    # isascii: "²" is a digit to isdigit() but not to int(); len: no 5,000-digit int() parse
+    if not (value.isascii() and value.isdigit() and len(value) <= 3) or not 1 <= int(value) <= 100:
         raise RequestError("limit must be a whole number from 1 to 100", param="limit")
     return int(value)
 

@@ -70,9 +70,16 @@ class StreamReader:
         on_delta = self._on_delta
         pending: list[bytes] = []  # the start of a line not yet ended
         size = 0
+        total = 0  # the whole stream is bounded too, not only each line
         async for chunk in content.iter_any():
             if not self._head:
                 self._head = chunk[:512]
+            total += len(chunk)
+            if total > self._cap:
+                raise ProviderError(
+                    f"upstream LLM at {self._url} sent a stream larger than {self._cap} bytes "
+                    "(providers.*.maxResponseBytes)"
+                )
             if b"\n" not in chunk:
                 size += len(chunk)
                 if size > self._cap:

@@ -80,7 +80,11 @@ class ExecTool(Tool):
             _kill_group(proc.pid)  # also what the shell left running in the background
             if proc.returncode is None:
                 await asyncio.shield(proc.wait())
-        text, total = await output
+        try:  # a process that left the group (setsid, a daemon) may hold the pipe open forever
+            text, total = await asyncio.wait_for(output, _DRAIN_SECONDS)
+        except TimeoutError:
+            _close_pipes(proc)
+            text, total = "[output cut: a process the command started outside its group still holds it]", 0
         if total > len(text):
             text += f"\n[output truncated: {total:,} characters in all (tools.exec.maxOutputChars)]"
         if timed_out:
@@ -90,6 +94,16 @@ class ExecTool(Tool):
                 is_error=True,
             )
         return ToolResult(f"exit code: {code}\n{text}", is_error=code != 0)
+
+
+_DRAIN_SECONDS = 1.0  # after the command ended, how long its output may take to close
+
+
+def _close_pipes(proc: asyncio.subprocess.Process) -> None:
+    """Let go of the command's pipes (asyncio offers no public way; its transport owns them)."""
+    transport: asyncio.BaseTransport | None = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
 
 
 def _kill_group(pid: int) -> None:

@@ -63,8 +63,10 @@ def refusal(address: str) -> str | None:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return "not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:  # judged by the IPv4 address it carries (or reaches, through a gateway)
+            ip = embedded
     why = (
         "a cloud metadata address" if ip in _METADATA
         else "a loopback address" if ip.is_loopback
@@ -77,6 +79,24 @@ def refusal(address: str) -> str | None:
         else None
     )  # fmt: skip
     return why
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for: mapped (``::ffff:a.b.c.d``), the deprecated
+    IPv4-compatible form (``::a.b.c.d``), NAT64 (``64:ff9b::a.b.c.d``), 6to4 and Teredo."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):  # (::1 and :: are themselves)
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 class AddressGuard:
