@@ -32,10 +32,22 @@ _TABLE = (
 )
 # A turn: the session row is created with its first turn (its first user text as the title
 # until the user sets one) or moved forward; the title is left alone after that.
-RECORD_TURN = """
-INSERT INTO sessions (key, title, created, updated, turns, preview) VALUES (?, ?, ?, ?, 1, ?)
-ON CONFLICT (key) DO UPDATE SET updated = excluded.updated, turns = turns + 1, preview = excluded.preview
+#
+# A turn is written as one INSERT into the ``turn_log`` view, whose trigger adds the ``turns``
+# row and moves the session's row forward: one statement (so a batch of one turn needs no
+# BEGIN/COMMIT), atomic, and no Python round trip per statement on the writer thread.
+TURN_LOG = """
+CREATE VIEW IF NOT EXISTS turn_log (session, data, title, at, preview) AS
+    SELECT session, data, NULL, NULL, NULL FROM turns WHERE 0;
+CREATE TRIGGER IF NOT EXISTS turn_log_insert INSTEAD OF INSERT ON turn_log BEGIN
+    INSERT INTO turns (session, data) VALUES (NEW.session, NEW.data);
+    INSERT INTO sessions (key, title, created, updated, turns, preview)
+        VALUES (NEW.session, NEW.title, NEW.at, NEW.at, 1, NEW.preview)
+    ON CONFLICT (key) DO UPDATE SET updated = excluded.updated, turns = turns + 1,
+        preview = excluded.preview;
+END;
 """
+INSERT_TURNS = "INSERT INTO turn_log (session, data, title, at, preview) VALUES "
 _COLUMNS = "key, title, created, updated, turns, preview"
 
 

@@ -89,13 +89,13 @@ class SessionBackend(Protocol):
 
 _Job = Callable[[sqlite3.Connection], object]
 # (session, data, title, time, preview): a turn to insert and its session's row to update;
-# consecutive rows batch into one INSERT of turns and one executemany of the sessions rows.
+# consecutive rows batch into one INSERT (see session_table.TURN_LOG).
 _Row = tuple[str, bytes, str, float, str]
 _Batch = list[tuple[_Job | _Row, "asyncio.Future[object]"]]
 _Results = list[tuple["asyncio.Future[object]", object, BaseException | None]]
 _STOP = object()
-_INSERT = "INSERT INTO turns (session, data) VALUES "
-_ROWS_PER_INSERT = 400  # 800 parameters: under SQLite's oldest limit (999)
+_INSERT = session_table.INSERT_TURNS
+_ROWS_PER_INSERT = 190  # 950 parameters: under SQLite's oldest limit (999)
 
 
 class SqliteBackend:
@@ -160,6 +160,7 @@ class SqliteBackend:
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
             session_table.migrate(db)
+            db.executescript(session_table.TURN_LOG)
         except sqlite3.Error:
             db.close()
             raise
@@ -289,7 +290,7 @@ class SqliteBackend:
 def _run_batch(db: sqlite3.Connection, batch: _Batch) -> _Results:
     """Run a batch of jobs in one transaction; each job's result or error."""
     steps = _steps(batch)
-    if len(steps) == 1 and not isinstance(steps[0][0][0], tuple):  # one statement: its own transaction
+    if len(steps) == 1:  # one statement: its own transaction
         return _run_step(db, steps[0])
     try:
         db.execute("BEGIN")
@@ -354,19 +355,11 @@ def _as_db_error(exc: BaseException) -> sqlite3.Error:
 
 
 def _insert_turns(db: sqlite3.Connection, step: _Batch) -> _Results:
-    """Consecutive turns: one INSERT into ``turns`` and their sessions' rows, all or none (a
-    savepoint: the two statements share the batch's transaction with other steps)."""
-    rows = [cast(_Row, row) for row, _fut in step]
+    """Consecutive turns: one INSERT into the ``turn_log`` view, whose trigger writes each turn
+    and its session's row (one statement: all or none)."""
     try:
-        db.execute("SAVEPOINT turns")
-        try:
-            db.execute(_INSERT + ",".join(["(?, ?)"] * len(rows)), [v for r in rows for v in r[:2]])
-            db.executemany(session_table.RECORD_TURN, [(k, title, t, t, pre) for k, _, title, t, pre in rows])
-        except sqlite3.Error:
-            db.execute("ROLLBACK TO turns")
-            raise
-        finally:
-            db.execute("RELEASE turns")
+        params = [value for row, _fut in step for value in cast(_Row, row)]
+        db.execute(_INSERT + ",".join(["(?, ?, ?, ?, ?)"] * len(step)), params)
     except sqlite3.Error as exc:
         return [(fut, None, exc) for _row, fut in step]
     return [(fut, None, None) for _row, fut in step]
