@@ -5,31 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from nanobot import __version__
-from nanobot.config import DEFAULT_CONFIG_PATH, Config, load_config, with_overrides
+from nanobot.config import DEFAULT_CONFIG_PATH, Config, is_loopback_host, load_config, with_overrides
 from nanobot.errors import ConfigError, NanobotError, StorageError
 
 EXIT_CONFIG = 2  # a bad config, or an unusable workspace: fix it before trying again
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_bind(config: Config) -> None:
     """Refuse to expose the API beyond this machine without an API key."""
-    if not _is_loopback(config.api.host) and not config.api.api_key:
+    if not is_loopback_host(config.api.host) and not config.api.api_key:
         raise ConfigError(
             f"api.host: refusing to listen on {config.api.host} without api.apiKey; "
             "set api.apiKey (clients then send 'Authorization: Bearer <key>') or bind 127.0.0.1"

@@ -350,17 +350,22 @@ def describe_provider(config: Config) -> ProviderSummary:
     return ProviderSummary(name, base, not (cfg.api_key or cfg.extra_headers or local))
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name, an address, or ``[an IPv6 address]``) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _is_loopback(url: str) -> bool:
     try:
         host = urlsplit(url).hostname or ""
     except ValueError:
         return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(host)
 
 
 # --------------------------------------------------------------------------- loading

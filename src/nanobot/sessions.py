@@ -375,7 +375,8 @@ def _settle(results: _Results) -> None:
             fut.set_result(value)
 
 
-def _size(message: ChatMessage) -> int:
+def message_size(message: ChatMessage) -> int:
+    """The text a message carries (its content and tool-call arguments), in characters."""
     content = message.get("content")
     size = len(content) if isinstance(content, str) else 0
     for call in message.get("tool_calls") or ():
@@ -390,7 +391,7 @@ def trim_history(messages: list[ChatMessage], limit: int, max_chars: int = 0) ->
     if max_chars:
         total = 0
         for i in range(len(messages) - 1, start - 1, -1):
-            total += _size(messages[i])
+            total += message_size(messages[i])
             if total > max_chars:
                 start = i + 1
                 break
@@ -404,7 +405,7 @@ _MESSAGE_OVERHEAD = 64
 
 
 def _cost(messages: Sequence[ChatMessage]) -> int:
-    return sum(_size(m) for m in messages) + _MESSAGE_OVERHEAD * len(messages)
+    return sum(message_size(m) for m in messages) + _MESSAGE_OVERHEAD * len(messages)
 
 
 class SessionStore:

@@ -29,7 +29,7 @@ from nanobot.metrics import Metrics
 from nanobot.providers.base import LLMResponse
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.providers.sse import DeltaCallback
-from nanobot.sessions import ChatMessage, SessionStore
+from nanobot.sessions import ChatMessage, SessionStore, message_size
 from nanobot.tools import ToolContext, ToolRegistry, ToolResult
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ class _Prompt:
 def newest_turns(history: list[ChatMessage]) -> list[ChatMessage]:
     """The newest whole turns of ``history`` holding at most half its text (at least one message
     fewer), starting at a user message so no tool result loses its call."""
-    sizes = [_size(m) for m in history]
+    sizes = [message_size(m) for m in history]
     budget = sum(sizes) // 2
     start = len(history)
     kept = 0
@@ -384,11 +384,3 @@ def newest_turns(history: list[ChatMessage]) -> list[ChatMessage]:
     while start < len(history) and history[start].get("role") != "user":
         start += 1
     return history[start:]
-
-
-def _size(message: ChatMessage) -> int:
-    content = message.get("content")
-    size = len(content) if isinstance(content, str) else 0
-    for call in message.get("tool_calls") or ():
-        size += len(call["function"]["arguments"])
-    return size

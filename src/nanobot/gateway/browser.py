@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from nanobot.config import ApiConfig
+from nanobot.config import ApiConfig, is_loopback_host
 from nanobot.errors import ForbiddenError, MisdirectedError
 
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
@@ -61,15 +61,6 @@ def _host_name(host: str) -> str:
     return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def split_host(host: str) -> tuple[str, str]:
     """``name`` and ``port`` (``""`` when absent) of a lower-cased ``Host`` value."""
     if host.startswith("["):
@@ -99,7 +90,7 @@ class BrowserPolicy:
         # Bound to every address, the name is the address a connection arrived on: see _is_local.
         wildcard = bound in _WILDCARD_BINDS
         names: set[str] = set() if wildcard else {bound}
-        if not wildcard and _is_loopback(bound):
+        if not wildcard and is_loopback_host(bound):
             names |= _LOOPBACK_NAMES
         exact = {f"{n}:{api.port}" for n in names} | (set(names) if api.port == 80 else set())
         any_port: set[str] = set()
@@ -143,7 +134,7 @@ class BrowserPolicy:
         if name in self.bind_names:
             return True
         address = _host_name(str(local[0]))
-        return name == address or (name in _LOOPBACK_NAMES and _is_loopback(address))
+        return name == address or (name in _LOOPBACK_NAMES and is_loopback_host(address))
 
     def check_origin(self, origin: str, host: str | None) -> bool:
         """Raise :class:`ForbiddenError` unless ``origin`` may call; True when it is a listed
