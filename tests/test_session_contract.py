@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from nanobot.config import StorageConfig
-from nanobot.sessions import SessionBackend, SqliteBackend
+from nanobot.session_db import SqliteBackend
+from nanobot.sessions import SessionBackend
 from nanobot.storage.postgres import PgStorage
 
 

@@ -91,7 +91,9 @@ async def test_a_process_that_leaves_the_group_does_not_hang_the_turn(
     answers once the command ends; the model is told the output was cut."""
     url = await start_gateway({"tools": {"exec": {"enable": True, "timeout": 1}}})
     pid_file = tmp_path / "daemon.pid"
-    command = f"setsid sh -c 'echo $$ > {pid_file}; exec sleep 30' & echo hi"
+    # (the command itself waits until the daemon has left its group, so the race is not the test's)
+    daemon = f"setsid sh -c 'echo $$ > {pid_file}; exec sleep 30' &"
+    command = f"{daemon} until [ -s {pid_file} ]; do :; done; echo hi"
     text = await call_on(url, fake_llm, "exec", {"command": command})
     assert "output cut: a process the command started outside its group still holds it" in text, text
     os.kill(int(pid_file.read_text()), signal.SIGKILL)  # (ours to clean up: it left the group on purpose)
