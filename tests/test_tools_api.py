@@ -164,6 +164,26 @@ async def test_tool_progress_events_when_asked(start_gateway: Gateway, fake_llm:
     assert events[-1] == ("message", "[DONE]")
 
 
+async def test_a_form_upload_can_ask_for_tool_events(start_gateway: Gateway, fake_llm: FakeLLM) -> None:
+    """A multipart request (the web chat's uploads) asks for tool events with its
+    include_tool_events field; without it the stream carries none."""
+    url = await start_gateway()
+    write = Step(tool_calls=[("write_file", {"path": "a.txt", "content": "x"})])
+    for asked in (True, False):
+        fake_llm.push(write, Step(text="Done."))
+        form = aiohttp.FormData()
+        form.add_field("message", "summarize")
+        form.add_field("stream", "true")
+        if asked:
+            form.add_field("include_tool_events", "true")
+        form.add_field("files", b"hello", filename="note.txt", content_type="text/plain")
+        async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/chat/completions", data=form) as r:
+            assert r.status == 200
+            raw = (await r.read()).decode()
+        assert ("event: nanobot.tool.progress" in raw) is asked, raw
+        assert raw.rstrip().endswith("data: [DONE]")
+
+
 async def test_no_tool_events_unless_asked(
     client: openai.AsyncOpenAI, gateway: str, fake_llm: FakeLLM
 ) -> None:

@@ -45,12 +45,14 @@ def _form_request(
     if not text.strip() and not files:
         raise RequestError("the 'message' field is empty and no files were sent", param="message")
     given = fields.get("session_id") or header_session
+    stream = form_stream(fields.get("stream"))
     return ChatRequest(
         text=text,
         session_id=check_session_id(fields.get("session_id"), header_session or "default"),
-        stream=form_stream(fields.get("stream")),
+        stream=stream,
         include_usage=False,
-        tool_events=False,
+        # the form's stream_options.include_tool_events (the web chat's uploads ask for them)
+        tool_events=stream and form_stream(fields.get("include_tool_events"), "include_tool_events"),
         instructions=fields.get("system", ""),
         files=files,
         # api.clientHistory "accept": a request naming no session is a conversation of its own

@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore", category=BadContentDispositionParam)
 
 _FIELD_LIMIT = 1024 * 1024  # text fields (the message itself included)
 _CHUNK = 256 * 1024
-_TEXT_FIELDS = frozenset({"message", "session_id", "model", "stream", "system"})
+_TEXT_FIELDS = frozenset({"message", "session_id", "model", "stream", "system", "include_tool_events"})
 _FILE_FIELDS = frozenset({"files", "file", "files[]"})
 # How aiohttp's parser fails on a malformed body: ValueError (boundaries, lengths),
 # HttpProcessingError (a bad header line in a part, too many or too long headers), RuntimeError
@@ -177,7 +177,7 @@ async def read_multipart(
             else:
                 raise RequestError(
                     f"unknown form field {name!r}; expected message, files, session_id, model, stream, "
-                    "system",
+                    "system, include_tool_events",
                     param=name,
                 )
     except _MALFORMED as exc:  # aiohttp's parser on a malformed body
@@ -185,10 +185,10 @@ async def read_multipart(
     return MultipartForm(fields, tuple(files))
 
 
-def form_stream(value: str | None) -> bool:
-    """The ``stream`` field: "true"/"false" (also 1/0, yes/no)."""
+def form_stream(value: str | None, name: str = "stream") -> bool:
+    """A yes/no field (``stream``, ``include_tool_events``): "true"/"false" (also 1/0, yes/no)."""
     if value is None or value.strip().lower() in ("", "false", "0", "no"):
         return False
     if value.strip().lower() in ("true", "1", "yes"):
         return True
-    raise RequestError("stream must be 'true' or 'false'", param="stream")
+    raise RequestError(f"{name} must be 'true' or 'false'", param=name)

@@ -131,6 +131,7 @@ function chatRequest(text) {
     form.append("message", text);
     form.append("session_id", sessionId);
     form.append("stream", "true");
+    form.append("include_tool_events", "true");
     for (const { file } of files) form.append("files", file, file.name);
     return { method: "POST", body: form };
   }
