@@ -42,12 +42,21 @@ class NanobotError(Exception):
     should_retry: bool | None = None
     retry_after: float | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class ConfigError(NanobotError):
@@ -143,10 +152,7 @@ class RateLimitError(RequestError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    retry_after = 1.0
 
 
 class ServiceUnavailableError(NanobotError):
@@ -155,10 +161,7 @@ class ServiceUnavailableError(NanobotError):
     status = 503
     type = "server_error"
     code = "shutting_down"
-
-    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    retry_after = 1.0
 
 
 class AttachmentError(NanobotError):
@@ -200,11 +203,7 @@ class ChannelError(NanobotError):
 
 
 class ChannelRetryableError(ChannelError):
-    """A delivery failure worth retrying (429, 5xx, network)."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    """A delivery failure worth retrying (429, 5xx, network); ``retry_after`` when the platform said."""
 
 
 class ChannelPermanentError(ChannelError):
