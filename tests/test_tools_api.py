@@ -16,11 +16,12 @@ import pytest
 
 from nanobot.agent.loop import AgentLoop
 from nanobot.bus import ImageInput, InboundMessage, MessageBus, OutboundKind, OutboundMessage
-from nanobot.config import AgentDefaults, ProviderConfig, ToolsConfig, parse_config
+from nanobot.config import AgentDefaults, ProviderConfig, parse_config
 from nanobot.providers.base import ToolCall
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.sessions import SessionStore
 from nanobot.tools import Tool, ToolContext, ToolRegistry, ToolResult
+from nanobot.tools_config import ToolsConfig
 from tool_calls import call_on
 
 from conftest import MODEL

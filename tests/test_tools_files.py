@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from nanobot.bus import MessageBus
-from nanobot.config import FilesToolConfig
 from nanobot.tools import ToolContext
 from nanobot.tools.files import file_tools
+from nanobot.tools_config import FilesToolConfig
 from tool_calls import call_on
 
 from fake_llm import FakeLLM

@@ -12,9 +12,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
 
 from nanobot.bus import MessageBus
-from nanobot.config import WebToolConfig
 from nanobot.tools import ToolContext
 from nanobot.tools.web import WebFetchTool
+from nanobot.tools_config import WebToolConfig
 from tool_calls import call_on, call_tool
 
 from fake_llm import FakeLLM

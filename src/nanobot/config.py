@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
 
+from nanobot.config_loader import SECRET as _SECRET
+from nanobot.config_loader import build, describe_value
 from nanobot.errors import ConfigError
+from nanobot.tools_config import McpServerConfig, ToolsConfig
 
 DEFAULT_CONFIG_PATH = Path("~/.nanobot/config.json")
 OPENAI_API_BASE = "https://api.openai.com/v1"
 TELEGRAM_API_BASE = "https://api.telegram.org"
 DISCORD_API_BASE = "https://discord.com/api/v10"
 DISCORD_GATEWAY_URL = "wss://gateway.discord.gg/?v=10&encoding=json"
-
-_SECRET = {"secret": True}
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,79 +140,6 @@ class ChannelsConfig:
     held_max_age_seconds: float = 86400.0
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class WebToolConfig:
-    """``web_fetch``: what it may reach and how much it reads."""
-
-    timeout: float = 20.0  # seconds for a whole fetch, redirects included
-    max_bytes: int = 2 * 1024 * 1024  # of a response body; past it the rest is not read
-    max_chars: int = 20_000  # text given to the model unless the call asks for less
-    # Private, loopback, link-local and metadata addresses are refused (checked after DNS, on
-    # every redirect): the server usually sits next to things the internet must not reach.
-    allow_private: bool = False
-    allowed_hosts: list[str] = field(default_factory=list)  # "host" or "host:port", allowed even if private
-
-
-@dataclass(frozen=True, slots=True)
-class FilesToolConfig:
-    """``read_file``/``write_file``/``edit_file``/``list_dir``, confined to ``<workspace>/files``."""
-
-    max_read_bytes: int = 1024 * 1024
-    max_write_bytes: int = 1024 * 1024
-    max_entries: int = 1000  # names one list_dir shows
-
-
-@dataclass(frozen=True, slots=True)
-class ExecToolConfig:
-    """``exec``: a shell command in ``<workspace>/files``. Off unless enabled: whoever can reach
-    the API (or the bot's chats) could otherwise run commands as this server's user."""
-
-    enable: bool = False
-    timeout: float = 60.0
-    max_output_chars: int = 20_000
-
-
-@dataclass(frozen=True, slots=True)
-class ToolChannelConfig:
-    """Per-channel tool choice: replaces ``tools.enabled`` for that channel."""
-
-    enabled: list[str] = field(default_factory=lambda: ["*"])
-
-
-@dataclass(frozen=True, slots=True)
-class McpServerConfig:
-    """One MCP server: ``command`` (+ ``args``, ``env``, ``cwd``) runs it over stdio; ``url``
-    (+ ``headers``) reaches it over Streamable HTTP. Its tools are offered as ``mcp_<server>_<tool>``."""
-
-    type: str = ""  # "stdio" or "streamableHttp"; empty: from whether command or url is given
-    command: str = ""
-    args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict, repr=False, metadata=_SECRET)  # often holds tokens
-    cwd: str = ""
-    url: str = ""
-    headers: dict[str, str] = field(default_factory=dict, repr=False, metadata=_SECRET)
-    tool_timeout: float = 30.0  # seconds one call may take; past it the model gets an error text
-    enabled_tools: list[str] = field(default_factory=lambda: ["*"])  # raw or mcp_ names; "*": all
-
-    @property
-    def is_stdio(self) -> bool:
-        """Whether this server runs as a child process (else it is reached over HTTP)."""
-        return bool(self.command)
-
-
-@dataclass(frozen=True, slots=True)
-class ToolsConfig:
-    """The agent's tools: which are offered (names or ``fnmatch`` patterns), and each one's bounds."""
-
-    enabled: list[str] = field(default_factory=lambda: ["*"])
-    channels: dict[str, ToolChannelConfig] = field(default_factory=dict)
-    max_result_chars: int = 50_000  # of one tool result, before the model sees it
-    web: WebToolConfig = field(default_factory=WebToolConfig)
-    files: FilesToolConfig = field(default_factory=FilesToolConfig)
-    exec: ExecToolConfig = field(default_factory=ExecToolConfig)
-    mcp_servers: dict[str, McpServerConfig] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,104 +293,6 @@ def _is_loopback(url: str) -> bool:
     return is_loopback_host(host)
 
 
-# --------------------------------------------------------------------------- loading
-
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_CAMEL_RE = re.compile(r"(?<!^)(?=[A-Z])")
-
-
-def _snake(key: str) -> str:
-    return _CAMEL_RE.sub("_", key).lower()
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
-def _describe(value: object, secret: bool) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
-    kind_list: dict[type, str] = {list: "a list", dict: "an object"}
-    if value is None:
-        return "null"
-    if secret or type(value) in kind_list:
-        return kind.get(type(value)) or kind_list.get(type(value), type(value).__name__)
-    return orjson.dumps(value).decode()
-
-
-def _resolve_env(value: str, path: str) -> str:
-    def sub(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name not in os.environ:
-            if default is not None:
-                return default
-            raise ConfigError(f"{path}: environment variable {name} is not set")
-        return os.environ[name]
-
-    return _ENV_RE.sub(sub, value)
-
-
-def _convert(tp: Any, value: object, path: str, secret: bool, warnings: list[str]) -> object:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected an object, got {_describe(value, secret)}")
-        return _build(tp, value, path, warnings)
-    if origin is dict:
-        _, val_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected an object, got {_describe(value, secret)}")
-        return {str(k): _convert(val_tp, v, f"{path}.{k}", secret, warnings) for k, v in value.items()}
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {_describe(value, secret)}")
-        return [_convert(item_tp, v, f"{path}[{i}]", secret, warnings) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {_describe(value, secret)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {_describe(value, secret)}")
-        if value < 0:
-            raise ConfigError(f"{path}: expected a non-negative integer, got {value}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {_describe(value, secret)}")
-        if value < 0:
-            raise ConfigError(f"{path}: expected a non-negative number, got {value}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, int | float) and not isinstance(value, bool) and path.endswith("allowFrom]"):
-            return str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {_describe(value, secret)}")
-        return _resolve_env(value, path)
-    raise ConfigError(f"{path}: unsupported type")  # pragma: no cover - schema bug
-
-
-def _build(cls: type[Any], data: dict[str, object], prefix: str, warnings: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs: dict[str, object] = {}
-    for key, value in data.items():
-        name = _snake(key)
-        path = f"{prefix}.{_camel(name)}" if prefix else _camel(name)
-        spec = fields.get(name)
-        if spec is None:
-            warnings.append(f"{path}: unknown key, ignored")
-            continue
-        if name in kwargs:
-            raise ConfigError(f"{path}: given twice (camelCase and snake_case)")
-        kwargs[name] = _convert(hints[name], value, path, bool(spec.metadata.get("secret")), warnings)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:  # pragma: no cover - schema bug
-        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
-
-
 def _check(config: Config) -> None:
     api = config.api
     if not 0 < api.port < 65536:
@@ -543,9 +370,10 @@ def _check_mcp_server(name: str, server: McpServerConfig) -> None:
 def parse_config(data: object) -> Config:
     """Build a :class:`Config` from parsed JSON, raising :class:`ConfigError` on bad values."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config: expected a JSON object at the top level, got {_describe(data, False)}")
+        got = describe_value(data, False)
+        raise ConfigError(f"config: expected a JSON object at the top level, got {got}")
     warnings: list[str] = []
-    config: Config = _build(Config, data, "", warnings)
+    config: Config = build(Config, data, "", warnings)
     config = dataclasses.replace(config, warnings=tuple(warnings))
     _check(config)
     return config

@@ -16,8 +16,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from nanobot.config import ExecToolConfig
 from nanobot.tools.base import Tool, ToolContext, ToolResult
+from nanobot.tools_config import ExecToolConfig
 
 _ENV_KEPT = ("PATH", "LANG", "LC_ALL", "TZ")
 _PARAMETERS: dict[str, Any] = {

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nanobot.config import FilesToolConfig
 from nanobot.tools.base import Tool, ToolContext, ToolResult
+from nanobot.tools_config import FilesToolConfig
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

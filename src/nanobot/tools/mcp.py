@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nanobot.channels.lifecycle import RetryPolicy
-from nanobot.config import McpServerConfig
 from nanobot.tools.base import Tool, ToolContext, ToolResult
 from nanobot.tools.mcp_schema import Listed, tool_names
+from nanobot.tools_config import McpServerConfig
 
 if TYPE_CHECKING:
     from nanobot.tools.mcp_client import McpServer

@@ -28,13 +28,13 @@ from mcp.shared.message import SessionMessage
 
 from nanobot import __version__
 from nanobot.channels.lifecycle import RetryPolicy
-from nanobot.config import McpServerConfig
 from nanobot.errors import NanobotError
 from nanobot.redact import redact
 from nanobot.tools.base import ToolResult
 from nanobot.tools.mcp_result import convert
 from nanobot.tools.mcp_schema import Listed, describe, normalize_schema
 from nanobot.tools.mcp_transport import describe_target, open_transport
+from nanobot.tools_config import McpServerConfig
 
 log = logging.getLogger("nanobot.tools.mcp")  # one logger for everything MCP
 

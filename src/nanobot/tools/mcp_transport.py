@@ -25,8 +25,9 @@ from mcp.client._transport import TransportStreams
 from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
-from nanobot.config import McpServerConfig, safe_url
+from nanobot.config import safe_url
 from nanobot.errors import NanobotError
+from nanobot.tools_config import McpServerConfig
 
 # httpx2 logs every request at INFO with its full URL (a query may hold a key): one line per
 # tool call is noise, and the URL must not reach the log. Its warnings still do.

@@ -17,10 +17,10 @@ from typing import Any
 import orjson
 
 from nanobot.bus import OutboundKind, OutboundMessage
-from nanobot.config import ToolsConfig
 from nanobot.errors import NanobotError
 from nanobot.providers.base import ToolCall
 from nanobot.tools.base import Tool, ToolContext, ToolResult, ToolSource, shorten
+from nanobot.tools_config import ToolsConfig
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from nanobot.config import WebToolConfig
 from nanobot.tools.base import Tool, ToolContext, ToolResult
 from nanobot.tools.html_text import html_to_text
+from nanobot.tools_config import WebToolConfig
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
