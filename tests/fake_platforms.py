@@ -1,9 +1,12 @@
 """Fake chat platforms for tests: aiohttp servers on loopback that behave like the real ones.
 
 ``FakeTelegram`` serves the Bot API (getMe, getUpdates long polling, sendMessage with
-Telegram's HTML checks, getFile and ``/file/bot<token>/<path>`` downloads) and can script
-failures: 429 with ``retry_after``, 5xx, 403, and 400 "can't parse entities" (and getMe
-failures, for a platform that is unreachable at start).
+Telegram's HTML checks, getFile and ``/file/bot<token>/<path>`` downloads, setWebhook and
+deleteWebhook) and can script failures: 429 with ``retry_after``, 5xx, 403, and 400 "can't
+parse entities" (and getMe failures, for a platform that is unreachable at start). Like
+Telegram it forgets an update once a getUpdates call confirms it (an offset past its id),
+answers 409 to getUpdates while a webhook is set, and ends an older long poll with 409 when
+another connection polls (one consumer per token); it records which connections polled.
 ``FakeDiscord`` serves REST (``/users/@me``, message posts with nonce de-duplication,
 429s and rate-limit headers), attachment downloads from its own origin, and a Gateway
 websocket (HELLO, IDENTIFY/RESUME, heartbeats and ACKs, MESSAGE_CREATE, dropped connections).
@@ -170,6 +173,12 @@ class FakeTelegram(Recorder):
         self.updates: list[dict[str, Any]] = []
         self.get_updates_calls = 0
         self.confirmed_offset = 0  # the highest offset a getUpdates call has sent: updates below are handled
+        self.freeze_confirmations = False  # ignore offsets, as if the confirming calls never arrived
+        self.pollers: list[tuple[str, int]] = []  # the client address of every getUpdates call, in order
+        self.conflicts = 0  # long polls ended by another connection's getUpdates (409)
+        self.webhook: dict[str, Any] | None = None  # the last setWebhook payload, until deleteWebhook
+        self.webhook_calls: list[tuple[str, dict[str, Any]]] = []  # (method, payload) of set/deleteWebhook
+        self._polls: dict[asyncio.Task[Any], web.Request] = {}  # long polls in progress
         self.files = FileShelf()  # file_id → bytes, served by getFile and /file/bot<token>/<path>
         self.get_file_calls: list[str] = []  # file_ids asked for, in order
         self._message_ids = itertools.count(1)
@@ -251,7 +260,9 @@ class FakeTelegram(Recorder):
         if method == "getMe":
             return await self._get_me()
         if method == "getUpdates":
-            return await self._get_updates(payload)
+            return await self._get_updates(request, payload)
+        if method in ("setWebhook", "deleteWebhook"):
+            return await self._set_webhook(method, payload)
         if method == "sendMessage":
             return await self._send_message(payload)
         if method == "getFile":
@@ -284,18 +295,52 @@ class FakeTelegram(Recorder):
             return self._error(401, "Unauthorized")
         return await self.files.serve(request, request.match_info["path"].rsplit("/", 1)[-1], self)
 
-    async def _get_updates(self, payload: dict[str, Any]) -> web.Response:
+    async def _get_updates(self, request: web.Request, payload: dict[str, Any]) -> web.Response:
         self.get_updates_calls += 1
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.pollers.append(tuple(peer[:2]) if peer else ("?", 0))
+        if self.webhook is not None:
+            await self.changed()
+            return self._error(409, "Conflict: can't use getUpdates method while webhook is active; "
+                                    "use deleteWebhook to delete the webhook first")  # fmt: skip
         offset = int(payload.get("offset", 0))
-        self.confirmed_offset = max(self.confirmed_offset, offset)
+        if not self.freeze_confirmations:
+            self.confirmed_offset = max(self.confirmed_offset, offset)
+        for task, other in list(self._polls.items()):  # one consumer: a newer poll ends the older one
+            if other.transport is not None and not other.transport.is_closing():
+                self.conflicts += 1
+                task.cancel()
         await self.changed()
+        start = max(offset, self.confirmed_offset)
 
         def fresh() -> list[dict[str, Any]]:
-            return [u for u in self.updates if u["update_id"] >= offset]
+            return [u for u in self.updates if u["update_id"] >= start]
 
-        with contextlib.suppress(TimeoutError):
-            await self.until(lambda: bool(fresh()) or self._closing, within=float(payload.get("timeout", 0)))
+        me = asyncio.current_task()
+        assert me is not None
+        self._polls[me] = request
+        try:
+            with contextlib.suppress(TimeoutError):
+                await self.until(lambda: bool(fresh()) or self._closing, within=float(payload.get("timeout", 0)))
+        except asyncio.CancelledError:
+            if request.transport is None or request.transport.is_closing():
+                raise  # (the client went away)
+            return self._error(409, "Conflict: terminated by other getUpdates request; "
+                                    "make sure that only one bot instance is running")  # fmt: skip
+        finally:
+            del self._polls[me]
         return web.json_response({"ok": True, "result": fresh()})
+
+    async def _set_webhook(self, method: str, payload: dict[str, Any]) -> web.Response:
+        self.webhook_calls.append((method, payload))
+        if method == "setWebhook":
+            if not str(payload.get("url", "")).startswith("https://"):
+                return self._error(400, "Bad Request: bad webhook: An HTTPS URL must be provided for webhook")
+            self.webhook = payload
+        else:
+            self.webhook = None
+        await self.changed()
+        return web.json_response({"ok": True, "result": True})
 
     async def _send_message(self, payload: dict[str, Any]) -> web.Response:
         self.send_calls += 1
@@ -350,6 +395,8 @@ class FakeDiscord(Recorder):
         self.session_id = "fake-session-1"
         self.events: list[dict[str, Any]] = []  # every dispatch sent, for replay on RESUME
         self.ws: web.WebSocketResponse | None = None
+        self.connections = 0  # Gateway websockets open now
+        self.most_connections = 0  # the most ever open at once (one session per shard: 1)
         self.gateway_url = ""  # set by the test once the server runs: where RESUME goes
         self.files = FileShelf()  # attachments, served at /attachments/<name> on this origin
         self._nonces: dict[tuple[str, str], dict[str, Any]] = {}
@@ -447,6 +494,15 @@ class FakeDiscord(Recorder):
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
+        self.connections += 1
+        self.most_connections = max(self.most_connections, self.connections)
+        try:
+            return await self._session(ws)
+        finally:
+            self.connections -= 1
+            await self.changed()
+
+    async def _session(self, ws: web.WebSocketResponse) -> web.WebSocketResponse:
         await ws.send_str(
             orjson.dumps({"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval_ms}}).decode()
         )

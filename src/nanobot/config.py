@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -108,6 +109,26 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelegramWebhookConfig:
+    """Webhook mode: Telegram POSTs updates to ``url`` (any process behind it takes them) with
+    ``secret`` in ``X-Telegram-Bot-Api-Secret-Token``; empty ``url``: long polling."""
+
+    url: str = ""  # the public https:// URL Telegram calls
+    secret: str = field(default="", repr=False, metadata=_SECRET)  # 1-256 of A-Z a-z 0-9 _ -
+    path: str = ""  # the route served here, when a proxy rewrites it (default: the URL's path)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether updates come by webhook rather than by polling."""
+        return bool(self.url)
+
+    @property
+    def route(self) -> str:
+        """The path this server takes the webhook's calls on."""
+        return self.path or urlsplit(self.url).path
+
+
+@dataclass(frozen=True, slots=True)
 class TelegramConfig:
     """The Telegram Bot API channel."""
 
@@ -116,6 +137,7 @@ class TelegramConfig:
     allow_from: list[str] = field(default_factory=list)
     api_base: str = TELEGRAM_API_BASE
     poll_timeout: int = 30
+    webhook: TelegramWebhookConfig = field(default_factory=TelegramWebhookConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +162,12 @@ class ChannelsConfig:
     held_max_age_seconds: float = 86400.0
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 300.0
+
+    @property
+    def webhook_routes(self) -> frozenset[str]:
+        """Paths where a platform calls in with its own secret (a Host the API does not know)."""
+        webhook = self.telegram.webhook
+        return frozenset({webhook.route}) if self.telegram.enabled and webhook.enabled else frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +340,7 @@ def _check(config: Config) -> None:
     if api.client_history not in ("reject", "accept"):
         raise ConfigError(f'api.clientHistory: expected "reject" or "accept", got {api.client_history!r}')
     _check_storage(config.storage)
+    _check_webhook(config.channels.telegram.webhook)
     if not config.agents.defaults.model:
         raise ConfigError("agents.defaults.model: must not be empty")
     if config.agents.defaults.max_tool_iterations < 1:
@@ -344,6 +373,32 @@ def _check_storage(storage: StorageConfig) -> None:
     ):
         if bound <= 0:
             raise ConfigError(f"storage.{key}: must be greater than 0")
+
+
+_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_OWN_ROUTES = ("/v1/", "/health", "/metrics", "/static/")
+
+
+def _check_webhook(webhook: TelegramWebhookConfig) -> None:
+    where = "channels.telegram.webhook"
+    if not webhook.enabled:
+        if webhook.secret or webhook.path:
+            raise ConfigError(f"{where}.url: required with a secret or path (the public https:// URL)")
+        return
+    parts = urlsplit(webhook.url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(f"{where}.url: expected a public https:// URL (Telegram calls only https), "
+                          f"got {webhook.url[:200]!r}")  # fmt: skip
+    if not webhook.secret:
+        raise ConfigError(f"{where}.secret: required: Telegram sends it with every call, and calls "
+                          "without it are refused")  # fmt: skip
+    if not _WEBHOOK_SECRET.fullmatch(webhook.secret):
+        raise ConfigError(f"{where}.secret: expected 1-256 characters of A-Z, a-z, 0-9, _ and - "
+                          "(what Telegram accepts)")  # fmt: skip
+    route = webhook.route
+    if not route.startswith("/") or route == "/" or route.startswith(_OWN_ROUTES):
+        raise ConfigError(f"{where}: the route {route[:200]!r} (from {'path' if webhook.path else 'url'}) "
+                          "must be a path of its own, e.g. /telegram/webhook")  # fmt: skip
 
 
 _MCP_TYPES = {"": "", "stdio": "stdio", "streamableHttp": "http", "streamable_http": "http", "http": "http"}

@@ -17,12 +17,14 @@ from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
 from nanobot.channels.lifecycle import RetryPolicy, reload_on_signal
 from nanobot.channels.manager import ChannelManager, build_channel_manager
+from nanobot.channels.telegram import TelegramChannel
 from nanobot.config import Config, describe_provider, safe_url
 from nanobot.errors import NanobotError
 from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until
 from nanobot.gateway.sessions_api import SESSION_STORE
 from nanobot.gateway.state import STATE
+from nanobot.gateway.telegram_webhook import add_telegram_webhook
 from nanobot.metrics import Family
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.storage import open_storage
@@ -44,6 +46,10 @@ def build_app(config: Config) -> web.Application:
     app = create_app(config, bus, api)
     readiness = app[STATE].readiness
     app[CHANNELS] = manager = build_channel_manager(config, bus, api, readiness.store("outbox"))
+    webhook = config.channels.telegram.webhook
+    for channel in manager.candidates:
+        if isinstance(channel, TelegramChannel) and webhook.enabled:
+            add_telegram_webhook(app, webhook, channel)
 
     async def workspace(_app: web.Application) -> AsyncIterator[None]:
         # First: nothing else may touch the workspace unless it is ours alone.
@@ -129,11 +135,11 @@ def _runtime_families(agent: AgentLoop, manager: ChannelManager) -> tuple[Family
             channels(lambda name: int(name in manager.enabled)),
             label="channel",
         ),
-        # One process leads every channel it runs (several processes on PostgreSQL take turns).
+        # Several processes on PostgreSQL: one leads each polling channel (Telegram webhook: all).
         Family(
             "nanobot_channel_leader",
             "1 when this process receives a chat channel's updates.",
-            channels(lambda _name: 1),
+            lambda: {channel.name: int(channel.leading) for channel in manager.candidates},
             label="channel",
         ),
     )

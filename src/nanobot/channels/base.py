@@ -22,6 +22,12 @@ class Channel(ABC):
     name: ClassVar[str]
     durable: ClassVar[bool] = True
 
+    @property
+    def leading(self) -> bool:
+        """Whether this process receives the channel's messages. With several processes, one
+        leads each channel that allows a single receiver (Telegram polling, Discord's Gateway)."""
+        return True
+
     @abstractmethod
     async def start(self) -> None:
         """Begin receiving messages (returns once started; work continues in background tasks)."""

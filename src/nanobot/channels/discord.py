@@ -8,7 +8,10 @@ makes the next request to that chat wait ``X-RateLimit-Reset-After``.
 Receiving follows the Gateway protocol: HELLO → heartbeats (with ACK tracking) →
 IDENTIFY, or RESUME with ``session_id`` and the last sequence number after a drop.
 The protocol lives in ``DiscordGateway``; this module's channel only turns
-``MESSAGE_CREATE`` into inbound messages. Its ``attachments`` go to the channel's
+``MESSAGE_CREATE`` into inbound messages. Discord allows one Gateway session per shard, so only
+the process that leads the channel connects (:mod:`nanobot.storage.inbound`; with several
+processes on PostgreSQL the others only send), and each message's id is recorded before it is
+handed on: a new leader after a crash never hands one on twice. Its ``attachments`` go to the channel's
 :class:`~nanobot.channels.files.FileIntake`, downloaded only from Discord's CDN hosts
 or the configured ``api_base``'s origin: the server never fetches arbitrary URLs.
 """
@@ -30,7 +33,8 @@ from nanobot.channels.discord_gateway import DiscordGateway
 from nanobot.channels.files import FileIntake, FileLimits, RemoteFile, download, origin
 from nanobot.channels.text import split_markdown
 from nanobot.config import Config, DiscordConfig
-from nanobot.errors import ChannelPermanentError, ChannelRetryableError, RequestError
+from nanobot.errors import ChannelPermanentError, ChannelRetryableError, RequestError, StorageError
+from nanobot.storage.inbound import ChannelInbound, SoloInbound, open_inbound
 
 log = logging.getLogger(__name__)
 
@@ -66,33 +70,50 @@ class DiscordChannel(Channel):
 
     name = "discord"
 
-    def __init__(self, config: DiscordConfig, bus: MessageBus, limits: FileLimits | None = None) -> None:
+    def __init__(
+        self,
+        config: DiscordConfig,
+        bus: MessageBus,
+        limits: FileLimits | None = None,
+        inbound: ChannelInbound | None = None,
+    ) -> None:
         self._config = config
+        self._inbound: ChannelInbound = inbound if inbound is not None else SoloInbound()
         self._bus = bus
         self._allow = AllowList(self.name, config.allow_from)
         self._files = FileIntake(self.name, bus, limits or FileLimits())
         self._trusted = {o for o in (origin(config.api_base), *map(origin, CDN_ORIGINS)) if o is not None}
         self._session: aiohttp.ClientSession | None = None
         self._gateway: DiscordGateway | None = None
+        self._receiver: asyncio.Task[None] | None = None
         self._ready_at: dict[str, float] = {}  # chat id → when its rate-limit bucket refills
         self.user_id = ""
 
     @classmethod
     def from_config(cls, config: Config, bus: MessageBus) -> DiscordChannel | None:
-        """The channel when ``channels.discord.enabled``, else None; files obey ``api``'s limits."""
+        """The channel when ``channels.discord.enabled``, else None; files obey ``api``'s limits,
+        and its inbound side is shared through ``storage`` (one leader, recorded message ids)."""
         discord = config.channels.discord
-        return cls(discord, bus, FileLimits.from_api(config.api)) if discord.enabled else None
+        if not discord.enabled:
+            return None
+        inbound = open_inbound(config.storage, cls.name, discord.token)
+        return cls(discord, bus, FileLimits.from_api(config.api), inbound)
 
     def __repr__(self) -> str:
         return f"DiscordChannel(api_base={self._config.api_base!r}, user_id={self.user_id!r})"
 
     @property
     def gateway(self) -> DiscordGateway | None:
-        """The Gateway connection, once started."""
+        """The Gateway connection, while this process leads."""
         return self._gateway
 
+    @property
+    def leading(self) -> bool:
+        """Whether this process holds the channel's one Gateway session."""
+        return self._inbound.leading
+
     async def start(self) -> None:
-        """Check the token (``GET /users/@me``), then connect to the Gateway."""
+        """Check the token (``GET /users/@me``), then connect to the Gateway whenever this process leads."""
         if not self._config.token:
             raise ChannelPermanentError("discord: channels.discord.token is empty")
         self._session = aiohttp.ClientSession()
@@ -103,18 +124,28 @@ class DiscordChannel(Channel):
                 f"discord: the bot token was rejected ({exc.message}); check channels.discord.token"
             ) from None
         self.user_id = str(me.get("id", "")) if isinstance(me, dict) else ""
-        self._gateway = DiscordGateway(self._session, self._config, self._on_dispatch)
-        await self._gateway.start()
+        self._receiver = asyncio.create_task(self._inbound.lead(self._connect), name="discord-gateway")
+
+    async def _connect(self) -> None:
+        """Hold the Gateway session (while this process leads: cancelled when the lead is lost)."""
+        assert self._session is not None  # (started)
+        gateway = self._gateway = DiscordGateway(self._session, self._config, self._on_dispatch)
+        try:
+            await gateway.run()
+        finally:
+            self._gateway = None
 
     async def stop(self) -> None:
         """Disconnect from the Gateway, stop the files in progress, close the HTTP session; safe twice."""
-        gateway, self._gateway = self._gateway, None
-        if gateway is not None:
-            await gateway.stop()
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
         await self._files.stop()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        await self._inbound.close()
 
     async def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
         if self._session is None:
@@ -171,9 +202,18 @@ class DiscordChannel(Channel):
 
     # ----------------------------------------------------------------------- receiving
 
-    def _on_dispatch(self, event: str, data: dict[str, Any]) -> None:
-        if event == "MESSAGE_CREATE":
-            self._receive(data)
+    async def _on_dispatch(self, event: str, data: dict[str, Any]) -> None:
+        """Hand on a ``MESSAGE_CREATE`` no process took before (its id recorded first)."""
+        if event != "MESSAGE_CREATE":
+            return
+        message_id = data.get("id")
+        if isinstance(message_id, str) and message_id:
+            try:
+                if not await self._inbound.fresh([message_id]):
+                    return
+            except StorageError as exc:  # (the Gateway will not send it again: handle it unrecorded)
+                log.warning("discord: message id not recorded (%s)", exc.message)
+        self._receive(data)
 
     def _receive(self, data: dict[str, Any]) -> None:
         """Turn a ``MESSAGE_CREATE`` from an allowed human into an InboundMessage; files go to the intake."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,7 +26,8 @@ from nanobot.config import DiscordConfig
 
 log = logging.getLogger(__name__)
 
-DispatchHandler = Callable[[str, dict[str, Any]], None]
+# Awaited before the next frame is read: events reach the handler in order.
+DispatchHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 INVALID_SESSION_WAIT = (1.0, 5.0)  # seconds, as Discord asks before identifying again
 HELLO_TIMEOUT = 30.0
@@ -68,7 +69,7 @@ class DiscordGateway:
 
     async def start(self) -> None:
         """Start connecting in the background."""
-        self._task = asyncio.create_task(self._run(), name="discord-gateway")
+        self._task = asyncio.create_task(self.run(), name="discord-gateway")
 
     async def stop(self) -> None:
         """Disconnect; safe to call twice."""
@@ -77,8 +78,8 @@ class DiscordGateway:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def _run(self) -> None:
-        """Connect, and reconnect (resuming when possible) until stopped or refused for good."""
+    async def run(self) -> None:
+        """Connect, and reconnect (resuming when possible) until cancelled or refused for good."""
         failures = 0
         while True:
             try:
@@ -145,7 +146,7 @@ class DiscordGateway:
             payload = orjson.loads(frame.data)
             op = payload.get("op")
             if op == 0:
-                established |= self._dispatch(payload)
+                established |= await self._dispatch(payload)
             elif op == 1:
                 await ws.send_bytes(orjson.dumps({"op": 1, "d": self.seq}))
             elif op == 11:
@@ -160,7 +161,7 @@ class DiscordGateway:
         self._closed(ws.close_code)
         return established
 
-    def _dispatch(self, payload: dict[str, Any]) -> bool:
+    async def _dispatch(self, payload: dict[str, Any]) -> bool:
         if isinstance(payload.get("s"), int):
             self.seq = payload["s"]
         event, data = str(payload.get("t")), payload.get("d")
@@ -173,7 +174,7 @@ class DiscordGateway:
             log.info("discord: gateway ready")
         elif event == "RESUMED":
             log.info("discord: gateway session resumed at seq %s", self.seq)
-        self._on_dispatch(event, data)
+        await self._on_dispatch(event, data)
         return event in ("READY", "RESUMED")
 
     async def _invalid_session(self, ws: aiohttp.ClientWebSocketResponse, resumable: bool) -> None:

@@ -1,11 +1,15 @@
 """The Telegram channel, on the Bot API with plain aiohttp.
 
-Receiving is ``getUpdates`` long polling; sending is ``sendMessage`` with Markdown
-rendered as Telegram HTML, split under 4096 characters, and resent as plain text when
-Telegram cannot parse the markup. Bot API answers are mapped to our error tree in one
-place, :func:`check_response`. A ``document`` or ``photo`` (its largest size) goes to
-the channel's :class:`~nanobot.channels.files.FileIntake`: ``getFile``, then a capped
-download from ``{api_base}/file/bot{token}/{file_path}``, with the caption as the text.
+Receiving is ``getUpdates`` long polling, by the one process that leads the channel (see
+:mod:`nanobot.storage.inbound`: with several processes on PostgreSQL the others only send), or
+webhook mode (``channels.telegram.webhook``): ``setWebhook`` at start, then Telegram POSTs each
+update to every process behind the URL (:mod:`nanobot.gateway.telegram_webhook`). Either way an
+update's id is recorded before it is handed on, so it is handled once. Sending is
+``sendMessage`` with Markdown rendered as Telegram HTML, split under 4096 characters, and
+resent as plain text when Telegram cannot parse the markup. Bot API answers are mapped to our
+error tree in one place, :func:`check_response`. A ``document`` or ``photo`` (its largest
+size) goes to the channel's :class:`~nanobot.channels.files.FileIntake`: ``getFile``, then a
+capped download from ``{api_base}/file/bot{token}/{file_path}``, with the caption as the text.
 
 The bot token is part of every URL (``{api_base}/bot{token}/METHOD``), and aiohttp puts
 URLs into its exception messages. So every aiohttp error is re-raised here with the
@@ -29,13 +33,15 @@ from nanobot.channels.base import Channel
 from nanobot.channels.files import FileIntake, FileLimits, RemoteFile, download
 from nanobot.channels.text import markdown_to_telegram_html, split_markdown, utf16_len
 from nanobot.config import Config, TelegramConfig
-from nanobot.errors import ChannelError, ChannelPermanentError, ChannelRetryableError
+from nanobot.errors import ChannelError, ChannelPermanentError, ChannelRetryableError, StorageError
+from nanobot.storage.inbound import ChannelInbound, SoloInbound, open_inbound
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_LENGTH = 4096  # UTF-16 code units, after entity parsing
 SEND_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
 _JSON = {"Content-Type": "application/json"}
+ALLOWED_UPDATES = ["message"]
 
 
 def check_response(method: str, status: int, body: bytes) -> Any:
@@ -72,6 +78,14 @@ def _size(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _update_id(update: object) -> int | None:
+    """An update's ``update_id``, when it is a well-formed update."""
+    if not isinstance(update, dict):
+        return None
+    value = update.get("update_id")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def message_files(message: dict[str, Any]) -> list[RemoteFile]:
     """The file a message carries: its ``document``, or the largest size of its ``photo``."""
     document = _obj(message.get("document"))
@@ -92,8 +106,15 @@ class TelegramChannel(Channel):
 
     name = "telegram"
 
-    def __init__(self, config: TelegramConfig, bus: MessageBus, limits: FileLimits | None = None) -> None:
+    def __init__(
+        self,
+        config: TelegramConfig,
+        bus: MessageBus,
+        limits: FileLimits | None = None,
+        inbound: ChannelInbound | None = None,
+    ) -> None:
         self._config = config
+        self._inbound: ChannelInbound = inbound if inbound is not None else SoloInbound()
         self._bus = bus
         self._base = f"{config.api_base.rstrip('/')}/bot{config.token}"
         self._allow = AllowList(self.name, config.allow_from)
@@ -104,19 +125,28 @@ class TelegramChannel(Channel):
 
     @classmethod
     def from_config(cls, config: Config, bus: MessageBus) -> TelegramChannel | None:
-        """The channel when ``channels.telegram.enabled``, else None; files obey ``api``'s limits."""
+        """The channel when ``channels.telegram.enabled``, else None; files obey ``api``'s limits,
+        and its inbound side is shared through ``storage`` (one leader, recorded update ids)."""
         telegram = config.channels.telegram
-        return cls(telegram, bus, FileLimits.from_api(config.api)) if telegram.enabled else None
+        if not telegram.enabled:
+            return None
+        inbound = open_inbound(config.storage, cls.name, telegram.token)
+        return cls(telegram, bus, FileLimits.from_api(config.api), inbound)
 
     def __repr__(self) -> str:
         return f"TelegramChannel(api_base={self._config.api_base!r}, username={self.username!r})"
+
+    @property
+    def leading(self) -> bool:
+        """Whether this process receives updates: in webhook mode every process does."""
+        return self._config.webhook.enabled or self._inbound.leading
 
     def _redact(self, text: str) -> str:
         token = self._config.token
         return text.replace(token, "<token>") if token else text
 
     async def start(self) -> None:
-        """Check the token with ``getMe``, then start long polling."""
+        """Check the token with ``getMe``, then set the webhook, or poll whenever this process leads."""
         if not self._config.token:
             raise ChannelPermanentError("telegram: channels.telegram.token is empty")
         self._session = aiohttp.ClientSession()
@@ -128,7 +158,13 @@ class TelegramChannel(Channel):
             ) from None
         self.username = str(me.get("username", "")) if isinstance(me, dict) else ""
         log.info("telegram: connected as @%s", self.username)
-        self._poller = asyncio.create_task(self._poll(), name="telegram-poll")
+        webhook = self._config.webhook
+        if webhook.enabled:
+            payload = {"url": webhook.url, "secret_token": webhook.secret, "allowed_updates": ALLOWED_UPDATES}
+            await self.call("setWebhook", payload)
+            log.info("telegram: webhook mode: Telegram posts updates to %s", webhook.url)
+            return
+        self._poller = asyncio.create_task(self._inbound.lead(self._poll), name="telegram-poll")
 
     async def stop(self) -> None:
         """Stop polling and the files in progress, then close the HTTP session; safe to call twice."""
@@ -140,6 +176,7 @@ class TelegramChannel(Channel):
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        await self._inbound.close()
 
     async def call(
         self, method: str, payload: dict[str, Any], limits: aiohttp.ClientTimeout = SEND_TIMEOUT
@@ -191,16 +228,28 @@ class TelegramChannel(Channel):
     # ----------------------------------------------------------------------- receiving
 
     async def _poll(self) -> None:
-        """Long-poll ``getUpdates`` forever, backing off on errors."""
+        """Long-poll ``getUpdates`` (while this process leads), backing off on errors.
+
+        A webhook left from webhook mode is deleted first (Telegram refuses ``getUpdates`` while
+        one is set). Each batch's ids are recorded before its updates are handed on; what another
+        process (an earlier leader) took already is skipped. A batch that cannot be recorded is
+        not confirmed: the next call gets it again.
+        """
         offset = 0
         failures = 0
         wait = self._config.poll_timeout
         timeout = aiohttp.ClientTimeout(total=wait + 15, sock_connect=10)
+        webhook_deleted = False
         while True:
-            payload = {"offset": offset, "timeout": wait, "allowed_updates": ["message"]}
             try:
+                if not webhook_deleted:
+                    await self.call("deleteWebhook", {"drop_pending_updates": False})
+                    webhook_deleted = True
+                payload = {"offset": offset, "timeout": wait, "allowed_updates": ALLOWED_UPDATES}
                 updates = await self.call("getUpdates", payload, timeout)
-            except ChannelError as exc:
+                batch = [u for u in updates if _update_id(u) is not None] if isinstance(updates, list) else []
+                fresh = set(await self._inbound.fresh([str(u["update_id"]) for u in batch]))
+            except (ChannelError, StorageError) as exc:
                 failures += 1
                 delay = exc.retry_after if isinstance(exc, ChannelRetryableError) else None
                 delay = delay if delay is not None else min(60.0, 2.0**failures) * random.uniform(0.5, 1.0)
@@ -208,10 +257,21 @@ class TelegramChannel(Channel):
                 await asyncio.sleep(delay)
                 continue
             failures = 0
-            for update in updates if isinstance(updates, list) else []:
-                if isinstance(update, dict) and isinstance(update.get("update_id"), int):
-                    offset = max(offset, update["update_id"] + 1)
+            for update in batch:
+                offset = max(offset, update["update_id"] + 1)
+                if str(update["update_id"]) in fresh:
                     self._receive(update)
+
+    async def take_update(self, update: dict[str, Any]) -> None:
+        """Hand on one update Telegram posted to the webhook, unless it was taken before (Telegram
+        retries a call it did not see answered). StorageError: not recorded, so not handed on."""
+        update_id = _update_id(update)
+        if update_id is None:
+            return
+        if self._session is None:
+            raise ChannelRetryableError("telegram: channel is not started")
+        if await self._inbound.fresh([str(update_id)]):
+            self._receive(update)
 
     def _receive(self, update: dict[str, Any]) -> None:
         """Turn one update with a text or file message into an InboundMessage, if its sender is allowed."""

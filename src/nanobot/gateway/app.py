@@ -77,7 +77,7 @@ def _gateway_families(api: ApiChannel, readiness: Readiness) -> tuple[Family, ..
 
 def create_app(config: Config, bus: MessageBus, api: ApiChannel) -> web.Application:
     """Build the gateway app over ``bus``; the ``api`` channel routes replies back to requests."""
-    policy = BrowserPolicy.from_config(config.api)
+    policy = BrowserPolicy.from_config(config.api, config.channels.webhook_routes)
     HTTP_LOG.addFilter(ONE_LINE_BAD_REQUESTS)  # idempotent: the same filter object
     metrics = Metrics()
     readiness = Readiness()

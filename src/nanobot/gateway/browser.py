@@ -82,10 +82,12 @@ class BrowserPolicy:
     any_port_hosts: frozenset[str]  # allowedHosts entries without a port
     any_host: bool  # allowedHosts contains "*"
     cors_origins: frozenset[str]
+    any_host_paths: frozenset[str] = frozenset()  # webhook routes: authenticated by their own secret
 
     @classmethod
-    def from_config(cls, api: ApiConfig) -> BrowserPolicy:
-        """The policy for ``api.host``, ``api.port``, ``api.allowedHosts`` and ``api.corsOrigins``."""
+    def from_config(cls, api: ApiConfig, webhook_routes: frozenset[str] = frozenset()) -> BrowserPolicy:
+        """The policy for ``api.host``, ``api.port``, ``api.allowedHosts`` and ``api.corsOrigins``,
+        with any Host accepted on ``webhook_routes``."""
         bound = _host_name(api.host)
         # Bound to every address, the name is the address a connection arrived on: see _is_local.
         wildcard = bound in _WILDCARD_BINDS
@@ -107,6 +109,7 @@ class BrowserPolicy:
             any_port_hosts=frozenset(any_port - {"*"}),
             any_host="*" in any_port,
             cors_origins=origins - {"null", ""},  # an opaque origin is any sandboxed page
+            any_host_paths=webhook_routes,
         )
 
     def check_host(self, host: str | None, request: web.Request) -> None:
@@ -116,6 +119,8 @@ class BrowserPolicy:
         lowered = host.lower()
         name, port = split_host(lowered)
         if name in self.any_port_hosts or self._is_local(name, port or "80", request):
+            return
+        if request.path in self.any_host_paths:  # (checked last: no cost to the usual request)
             return
         raise MisdirectedError(
             f"This server does not answer for Host {host[:_SHOWN]!r}; if it should, "
