@@ -320,8 +320,9 @@ class FakeTelegram(Recorder):
         assert me is not None
         self._polls[me] = request
         try:
+            wait = float(payload.get("timeout", 0))
             with contextlib.suppress(TimeoutError):
-                await self.until(lambda: bool(fresh()) or self._closing, within=float(payload.get("timeout", 0)))
+                await self.until(lambda: bool(fresh()) or self._closing, within=wait)
         except asyncio.CancelledError:
             if request.transport is None or request.transport.is_closing():
                 raise  # (the client went away)
