@@ -23,6 +23,7 @@ SECRET = "webhook_Secret-42"
 ROUTE = "/hooks/telegram"
 PUBLIC = "bot.example.test"  # the public name: not in api.allowedHosts
 GOOD = {"Host": PUBLIC, "X-Telegram-Bot-Api-Secret-Token": SECRET}
+API_KEY = "sk-gateway-key-1"
 
 
 def update(update_id: int, text: str, chat_id: int = 5) -> dict[str, Any]:
@@ -51,10 +52,11 @@ async def telegram(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Fake
 
 @pytest.fixture
 async def webhook_gateway(telegram: FakeTelegram, start_gateway: Callable[..., Awaitable[str]]) -> str:
-    """A gateway whose Telegram channel runs in webhook mode; started once setWebhook was called."""
+    """A gateway with an API key whose Telegram channel runs in webhook mode; started once
+    setWebhook was called."""
     section = telegram_section(telegram.root)  # type: ignore[attr-defined]
     section["webhook"] = {"url": f"https://{PUBLIC}{ROUTE}", "secret": SECRET}
-    url = await start_gateway({"channels": {"telegram": section}})
+    url = await start_gateway({"channels": {"telegram": section}, "api": {"apiKey": API_KEY}})
     await telegram.until(lambda: telegram.webhook is not None)
     return url
 
@@ -96,11 +98,16 @@ async def test_a_retried_update_is_handled_once(webhook_gateway: str, fake_llm: 
 
 
 async def test_the_route_accepts_the_public_host_and_nothing_else_does(webhook_gateway: str) -> None:
-    """The public Host is fine on the webhook route only; the API still refuses it (DNS rebinding),
-    and a web page (any Origin) cannot call the webhook."""
+    """The webhook route needs its secret, not the API key, and takes the public Host; the API
+    still refuses that Host (DNS rebinding) and wants its key, and a web page (any Origin) cannot
+    call the webhook."""
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{webhook_gateway}/v1/models", headers={"Host": PUBLIC}) as r:
             assert r.status == 421
+        async with http.get(f"{webhook_gateway}/v1/models") as r:
+            assert r.status == 401
+        async with http.post(f"{webhook_gateway}{ROUTE}", json=update(6, "no key"), headers=GOOD) as r:
+            assert r.status == 200
         page = {**GOOD, "Origin": "https://evil.example"}
         async with http.post(f"{webhook_gateway}{ROUTE}", json=update(3, "page"), headers=page) as r:
             assert r.status == 403

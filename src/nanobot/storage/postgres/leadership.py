@@ -109,6 +109,7 @@ class PgChannelInbound:
     async def _take_lead(self) -> asyncio.Event:
         """Try the lock until this process holds it; the event set when its connection ends."""
         failures = 0
+        told = False
         while True:
             try:
                 async with self._io:
@@ -118,6 +119,9 @@ class PgChannelInbound:
                 if held:
                     return self._lost
                 failures = 0
+                if not told:
+                    told = True
+                    log.info("%s: another process leads; this one sends only", self._channel)
             except StorageError as exc:
                 failures += 1
                 if failures == 1:  # once per outage, not every second
