@@ -75,14 +75,18 @@ async def test_a_leader_whose_connection_dies_stops_and_the_lead_is_taken_again(
     tasks = [asyncio.create_task(one.lead(first)), asyncio.create_task(two.lead(second))]
     try:
         async with asyncio.timeout(20):
-            await first.running.wait()
-            assert one.leading and not two.leading and not second.running.is_set()
+            waits = [asyncio.ensure_future(w.running.wait()) for w in (first, second)]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+            worker, other = (first, second) if first.running.is_set() else (second, first)
+            assert not other.running.is_set() and [one.leading, two.leading].count(True) == 1
             (holder,) = await lock_holders(pg_url)
             conn = await asyncpg.connect(pg_url)
             await conn.execute("SELECT pg_terminate_backend($1)", holder)  # as when the process dies
             await conn.close()
-            await first.stopped.wait()
-            while first.runs < 2 and not second.running.is_set():  # noqa: ASYNC110 (other connections)
+            await worker.stopped.wait()
+            while worker.runs < 2 and not other.running.is_set():  # noqa: ASYNC110 (other connections)
                 await asyncio.sleep(0.01)
         assert [one.leading, two.leading].count(True) == 1 and len(await lock_holders(pg_url)) == 1
     finally:
@@ -95,18 +99,19 @@ async def test_closing_the_leader_hands_over_at_once(make: Make) -> None:
     """A leader that stops (SIGTERM) frees the lead: a follower works right after."""
     one, two = make(), make()
     first, second = Worker(), Worker()
-    leading = asyncio.create_task(one.lead(first))
-    following = asyncio.create_task(two.lead(second))
+    tasks = [asyncio.create_task(one.lead(first))]
     try:
         async with asyncio.timeout(20):
             await first.running.wait()
-            leading.cancel()
-            await asyncio.gather(leading, return_exceptions=True)
+            tasks.append(asyncio.create_task(two.lead(second)))
+            tasks[0].cancel()
+            await asyncio.gather(tasks[0], return_exceptions=True)
             await one.close()
             await second.running.wait()
     finally:
-        following.cancel()
-        await asyncio.gather(following, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_each_bot_and_channel_has_its_own_leader(make: Make) -> None:
