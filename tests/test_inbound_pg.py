@@ -159,11 +159,11 @@ async def test_webhook_calls_land_on_any_process_and_a_retry_is_handled_once(
     telegram = FakeTelegram()
     root = str((await aiohttp_server(telegram.app)).make_url("")).rstrip("/")
     section = telegram_section(root)
-    section["webhook"] = {"url": "https://bot.example.test/hooks/telegram", "secret": "s3cret_Token-1"}
+    section["webhook"] = {"url": "https://bot.example.test/hooks/telegram", "secret": "s3cret_Token-1-long"}
     update = {"update_id": 501, "message": {"message_id": 1, "from": {"id": 7, "is_bot": False},
               "chat": {"id": 5, "type": "private"}, "date": 0, "text": "sent twice"}}  # fmt: skip
     later = {**update, "update_id": 502, "message": {**update["message"], "text": "sent once"}}
-    headers = {"Host": "bot.example.test", "X-Telegram-Bot-Api-Secret-Token": "s3cret_Token-1"}
+    headers = {"Host": "bot.example.test", "X-Telegram-Bot-Api-Secret-Token": "s3cret_Token-1-long"}
     async with (
         processes(tmp_path, fake_llm, 2, pg_channels(pg_url, telegram=section)) as (one, two),
         aiohttp.ClientSession() as http,

@@ -16,10 +16,12 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
+from nanobot.redact import config_secrets
+
 from fake_llm import FakeLLM, last_user_text
 from fake_platforms import FakeTelegram, telegram_section
 
-SECRET = "webhook_Secret-42"
+SECRET = "webhook_Secret-4242"
 ROUTE = "/hooks/telegram"
 PUBLIC = "bot.example.test"  # the public name: not in api.allowedHosts
 GOOD = {"Host": PUBLIC, "X-Telegram-Bot-Api-Secret-Token": SECRET}
@@ -133,10 +135,12 @@ async def test_bad_bodies_are_clean_errors(webhook_gateway: str) -> None:
     ("webhook", "says"),
     [
         ({"url": "https://bot.example.test/tg"}, "channels.telegram.webhook.secret: required"),
-        ({"url": "http://bot.example.test/tg", "secret": "abc"}, "https://"),
-        ({"url": "https://bot.example.test/tg", "secret": "has space"}, "A-Z, a-z, 0-9"),
-        ({"url": "https://bot.example.test/v1/x", "secret": "abc"}, "a path of its own"),
-        ({"secret": "abc"}, "channels.telegram.webhook.url: required"),
+        ({"url": "http://bot.example.test/tg", "secret": SECRET}, "https://"),
+        ({"url": "https://bot.example.test/tg", "secret": "has space in it ok"}, "A-Z, a-z, 0-9"),
+        ({"url": "https://bot.example.test/tg", "secret": "short_secret"}, "16-256 characters"),
+        ({"url": "https://bot.example.test/v1/x", "secret": SECRET}, "a path of its own"),
+        ({"url": "https://bot.example.test", "secret": SECRET}, "a path of its own"),
+        ({"secret": SECRET}, "channels.telegram.webhook.url: required"),
     ],
 )
 def test_webhook_config_errors_are_one_line_and_exit_2(
@@ -151,4 +155,13 @@ def test_webhook_config_errors_are_one_line_and_exit_2(
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
-    assert "has space" not in done.stderr  # (a secret is never quoted)
+    assert "has space" not in done.stderr and SECRET not in done.stderr  # (a secret is never quoted)
+
+
+def test_the_webhook_secret_is_a_secret(make_config: Callable[..., Any]) -> None:
+    """The secret token is redacted from logs and errors like every configured secret, and not in
+    the config's repr."""
+    webhook = {"url": f"https://{PUBLIC}{ROUTE}", "secret": SECRET}
+    config = make_config({"channels": {"telegram": {"enabled": True, "token": "1:abc", "webhook": webhook}}})
+    assert SECRET in config_secrets(config) and SECRET not in repr(config)
+    assert config.channels.webhook_routes == {ROUTE}

@@ -114,7 +114,7 @@ class TelegramWebhookConfig:
     ``secret`` in ``X-Telegram-Bot-Api-Secret-Token``; empty ``url``: long polling."""
 
     url: str = ""  # the public https:// URL Telegram calls
-    secret: str = field(default="", repr=False, metadata=_SECRET)  # 1-256 of A-Z a-z 0-9 _ -
+    secret: str = field(default="", repr=False, metadata=_SECRET)  # 16-256 of A-Z a-z 0-9 _ -
     path: str = ""  # the route served here, when a proxy rewrites it (default: the URL's path)
 
     @property
@@ -375,7 +375,8 @@ def _check_storage(storage: StorageConfig) -> None:
             raise ConfigError(f"storage.{key}: must be greater than 0")
 
 
-_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+# What Telegram accepts (1-256), at least 16 long: anyone who guesses it can make the bot talk.
+_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{16,256}")
 _OWN_ROUTES = ("/v1/", "/health", "/metrics", "/static/")
 
 
@@ -393,8 +394,8 @@ def _check_webhook(webhook: TelegramWebhookConfig) -> None:
         raise ConfigError(f"{where}.secret: required: Telegram sends it with every call, and calls "
                           "without it are refused")  # fmt: skip
     if not _WEBHOOK_SECRET.fullmatch(webhook.secret):
-        raise ConfigError(f"{where}.secret: expected 1-256 characters of A-Z, a-z, 0-9, _ and - "
-                          "(what Telegram accepts)")  # fmt: skip
+        raise ConfigError(f"{where}.secret: expected 16-256 characters of A-Z, a-z, 0-9, _ and - "
+                          "(Telegram accepts no others; a shorter one is guessable)")  # fmt: skip
     route = webhook.route
     if not route.startswith("/") or route == "/" or route.startswith(_OWN_ROUTES):
         raise ConfigError(f"{where}: the route {route[:200]!r} (from {'path' if webhook.path else 'url'}) "
