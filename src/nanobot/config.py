@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +21,7 @@ from nanobot.config_loader import SECRET as _SECRET
 from nanobot.config_loader import build, describe_value
 from nanobot.errors import ConfigError
 from nanobot.tools_config import McpServerConfig, ToolsConfig
+from nanobot.webhook_config import TelegramWebhookConfig, check_telegram_webhook
 
 DEFAULT_CONFIG_PATH = Path("~/.nanobot/config.json")
 OPENAI_API_BASE = "https://api.openai.com/v1"
@@ -106,26 +106,6 @@ class ProviderConfig:
     max_retries: int = 3
     retry_base_seconds: float = 0.5
     max_response_bytes: int = 32 * 1024 * 1024  # one completion, or one SSE line; past it: 502
-
-
-@dataclass(frozen=True, slots=True)
-class TelegramWebhookConfig:
-    """Webhook mode: Telegram POSTs updates to ``url`` (any process behind it takes them) with
-    ``secret`` in ``X-Telegram-Bot-Api-Secret-Token``; empty ``url``: long polling."""
-
-    url: str = ""  # the public https:// URL Telegram calls
-    secret: str = field(default="", repr=False, metadata=_SECRET)  # 16-256 of A-Z a-z 0-9 _ -
-    path: str = ""  # the route served here, when a proxy rewrites it (default: the URL's path)
-
-    @property
-    def enabled(self) -> bool:
-        """Whether updates come by webhook rather than by polling."""
-        return bool(self.url)
-
-    @property
-    def route(self) -> str:
-        """The path this server takes the webhook's calls on."""
-        return self.path or urlsplit(self.url).path
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +320,7 @@ def _check(config: Config) -> None:
     if api.client_history not in ("reject", "accept"):
         raise ConfigError(f'api.clientHistory: expected "reject" or "accept", got {api.client_history!r}')
     _check_storage(config.storage)
-    _check_webhook(config.channels.telegram.webhook)
+    check_telegram_webhook(config.channels.telegram.webhook)
     if not config.agents.defaults.model:
         raise ConfigError("agents.defaults.model: must not be empty")
     if config.agents.defaults.max_tool_iterations < 1:
@@ -373,33 +353,6 @@ def _check_storage(storage: StorageConfig) -> None:
     ):
         if bound <= 0:
             raise ConfigError(f"storage.{key}: must be greater than 0")
-
-
-# What Telegram accepts (1-256), at least 16 long: anyone who guesses it can make the bot talk.
-_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{16,256}")
-_OWN_ROUTES = ("/v1/", "/health", "/metrics", "/static/")
-
-
-def _check_webhook(webhook: TelegramWebhookConfig) -> None:
-    where = "channels.telegram.webhook"
-    if not webhook.enabled:
-        if webhook.secret or webhook.path:
-            raise ConfigError(f"{where}.url: required with a secret or path (the public https:// URL)")
-        return
-    parts = urlsplit(webhook.url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ConfigError(f"{where}.url: expected a public https:// URL (Telegram calls only https), "
-                          f"got {webhook.url[:200]!r}")  # fmt: skip
-    if not webhook.secret:
-        raise ConfigError(f"{where}.secret: required: Telegram sends it with every call, and calls "
-                          "without it are refused")  # fmt: skip
-    if not _WEBHOOK_SECRET.fullmatch(webhook.secret):
-        raise ConfigError(f"{where}.secret: expected 16-256 characters of A-Z, a-z, 0-9, _ and - "
-                          "(Telegram accepts no others; a shorter one is guessable)")  # fmt: skip
-    route = webhook.route
-    if not route.startswith("/") or route == "/" or route.startswith(_OWN_ROUTES):
-        raise ConfigError(f"{where}: the route {route[:200]!r} (from {'path' if webhook.path else 'url'}) "
-                          "must be a path of its own, e.g. /telegram/webhook")  # fmt: skip
 
 
 _MCP_TYPES = {"": "", "stdio": "stdio", "streamableHttp": "http", "streamable_http": "http", "http": "http"}

@@ -22,7 +22,6 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from nanobot.config import TelegramWebhookConfig
 from nanobot.errors import (
     ChannelError,
     ForbiddenError,
@@ -31,6 +30,7 @@ from nanobot.errors import (
     ServiceUnavailableError,
     StorageError,
 )
+from nanobot.webhook_config import TelegramWebhookConfig
 
 log = logging.getLogger(__name__)
 

@@ -140,8 +140,8 @@ class PgChannelInbound:
             await asyncio.gather(job, watch, return_exceptions=True)
         if not job.done() or job.cancelled():
             return False
-        job.result()  # (work's own error, if it failed)
-        await self._give_up()
+        await self._give_up()  # (first: a failed leader must not keep the channel from the others)
+        job.result()  # work's own error, if it failed
         return True
 
     async def _watch(self, lost: asyncio.Event) -> None:
