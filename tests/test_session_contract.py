@@ -27,6 +27,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     """A fresh session backend of each kind."""
     if request.param == "sqlite":
         sqlite = SqliteBackend(tmp_path / "sessions.db")
+        await sqlite.open()
         yield sqlite
         await sqlite.close()
         return

@@ -26,6 +26,7 @@ from nanobot.session_table import SessionInfo
 
 ChatMessage = dict[str, Any]  # one message in OpenAI chat format (JSON-shaped by nature)
 
+
 class SessionBackend(Protocol):
     """Where history is kept; SQLite here, a shared engine when one machine is outgrown."""
 
@@ -147,6 +148,7 @@ class SessionStore:
     ) -> SessionStore:
         """Open (or create) the session database under ``workspace``."""
         backend = SqliteBackend(workspace / "sessions.db", health)
+        await backend.open()
         store = cls(backend, max_messages=max_messages, max_chars=max_chars, cache_bytes=cache_bytes)
         store._known = await backend.keys()
         return store

@@ -8,15 +8,21 @@ restructuring of issue 9 moves the Protocols and the SQLite side in here, next t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from nanobot.config import Config
 from nanobot.health import StorageHealth
-from nanobot.sessions import SessionStore
+
+if TYPE_CHECKING:
+    from nanobot.sessions import SessionStore
 
 
 async def open_storage(config: Config, health: StorageHealth | None = None) -> SessionStore:
     """The session store ``storage.url`` names: the workspace's SQLite file (absent or
     ``"sqlite"``), or the shared PostgreSQL database (migrated at start). ``health`` is the
     store's readiness slot (``/health/ready``)."""
+    from nanobot.sessions import SessionStore  # (it imports storage.sqlite: not at import time)
+
     defaults = config.agents.defaults
     if not config.storage.is_postgres:
         return await SessionStore.open(
