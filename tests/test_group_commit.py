@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nanobot.sessions import SessionStore
+from nanobot.storage.sessions import SessionStore
 
 TURNS = 200
 

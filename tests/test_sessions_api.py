@@ -345,7 +345,7 @@ async def test_a_damaged_turn_is_a_clean_error_and_the_store_keeps_working(
 ) -> None:
     """A stored turn that is not JSON any more makes reading that session a 500 storage_error
     (no traceback), and the database thread survives it: every later request is answered."""
-    from nanobot.sessions import SessionStore
+    from nanobot.storage.sessions import SessionStore
 
     workspace = tmp_path / "ws"
     store = await SessionStore.open(workspace)

@@ -44,8 +44,9 @@ class PgStorage:
         return cls(pool, config, found, health)
 
     async def close(self) -> None:
-        """Finish the writes under way, stop listening, close the pool."""
+        """Finish the writes under way, stop listening, close the pool (safe to call twice)."""
         await self.sessions.close()
         await self.leases.close()
-        await self.pool.close()
+        if not self.pool.is_closing():
+            await self.pool.close()
         self.health.closed()

@@ -1,7 +1,7 @@
 """The session database: SQLite in WAL mode behind the shared writer thread with group commit.
 
 Jobs are batched on the event loop and handed to the thread one batch at a time; a batch's
-turns are one INSERT (see :data:`nanobot.session_table.TURN_LOG`). The thread never dies
+turns are one INSERT (see :data:`.session_table.TURN_LOG`). The thread never dies
 of a failing job: every waiter gets its result or a ``sqlite3.Error``.
 """
 
@@ -12,19 +12,16 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import orjson
 
-from nanobot import session_table
 from nanobot.errors import StorageError
 from nanobot.health import StorageHealth
-from nanobot.session_table import SessionInfo
+from nanobot.storage.base import ChatMessage, Lease, SessionInfo
+from nanobot.storage.sqlite import session_table
 from nanobot.storage.sqlite.writer import RowInsert, SqliteWriter, WriterOptions
 from nanobot.workspace import prepare as prepare_workspace
-
-if TYPE_CHECKING:
-    from nanobot.sessions import ChatMessage
 
 # One row per turn (its messages as one JSON array): a turn is written, and read back,
 # as the unit it is — one INSERT per request instead of one per message.
@@ -107,8 +104,11 @@ class SqliteBackend:
         rows: list[tuple[bytes]] = await self._call(job)
         return [m for r in reversed(rows) for m in orjson.loads(r[0])]
 
-    def append(self, key: str, messages: Sequence[ChatMessage]) -> asyncio.Future[None]:
-        """Add one turn's messages to ``key``; the future resolves once they are committed."""
+    def append(
+        self, key: str, messages: Sequence[ChatMessage], lease: Lease | None = None
+    ) -> asyncio.Future[None]:
+        """Add one turn's messages to ``key``; the future resolves once they are committed
+        (no lease here: this process is the file's only writer)."""
         data = orjson.dumps(messages)
         now = time.time()
         title, preview = session_table.summarize(messages)
