@@ -291,8 +291,8 @@ class OutboxStore:
         """See :func:`recover` (a damaged file fails here, at start: named, as a StorageError)."""
         try:
             return await self.submit(lambda conn: recover(conn, enabled, held_max_age, time.time()))
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot read the outbox {self.path}: {exc}") from None
+        except StorageError as exc:  # ("the outbox PATH: cause", from the writer)
+            raise StorageError(f"cannot read {exc}") from None
 
     async def counts(self) -> dict[str, int]:
         """See :func:`count_waiting` (on the writer thread, like every other read)."""

@@ -9,9 +9,11 @@ Two implementations of each: the embedded SQLite file under the workspace (one p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from nanobot.errors import StorageError
 
 ChatMessage = dict[str, Any]  # one message in OpenAI chat format (JSON-shaped by nature)
 
@@ -26,6 +28,15 @@ class SessionInfo:
     updated: float
     turns: int
     preview: str
+
+
+@contextlib.contextmanager
+def damaged_data() -> Iterator[None]:
+    """A stored turn that is not JSON (damaged, or written by something else) as a StorageError."""
+    try:
+        yield
+    except ValueError as exc:
+        raise StorageError(f"damaged data in the session database ({type(exc).__name__}: {exc})") from exc
 
 
 class Lease:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -174,9 +173,9 @@ class SessionStore:
         self._known.add(key)
         try:
             await asyncio.shield(committed)
-        except sqlite3.Error as exc:
+        except StorageError as exc:
             self._forget(key)
-            raise NanobotError(f"could not save the conversation: {exc}") from exc
+            raise StorageError(f"could not save the conversation: {exc}") from exc
 
     # -- shared storage: the cache is trusted only at the version the lease was taken at
     async def _shared_history(self, key: str) -> list[ChatMessage]:
@@ -203,6 +202,11 @@ class SessionStore:
             raise NanobotError(f"could not save the conversation: {exc}") from exc
         try:
             version = await asyncio.shield(committed)
+        except StorageError as exc:
+            self._forget(key)
+            if type(exc) is not StorageError:  # (LeaseLostError: its own status and words)
+                raise
+            raise StorageError(f"could not save the conversation: {exc}") from exc
         except BaseException:
             self._forget(key)
             raise
@@ -222,7 +226,7 @@ class SessionStore:
         """Sessions whose key starts with ``prefix``, newest first (see :meth:`SessionBackend.page`)."""
         try:
             return await self._backend.page(prefix, limit, after)
-        except sqlite3.Error as exc:
+        except StorageError as exc:
             raise StorageError(f"could not list the sessions: {exc}") from exc
 
     async def read(
@@ -231,14 +235,14 @@ class SessionStore:
         """The whole stored history of ``key`` (not only the model's window), bounded."""
         try:
             return await self._backend.read(key, max_messages, max_bytes)
-        except sqlite3.Error as exc:
+        except StorageError as exc:
             raise StorageError(f"could not read the conversation: {exc}") from exc
 
     async def rename(self, key: str, title: str) -> SessionInfo | None:
         """Set the title of an existing session."""
         try:
             return await self._backend.rename(key, title)
-        except sqlite3.Error as exc:
+        except StorageError as exc:
             raise StorageError(f"could not rename the conversation: {exc}") from exc
 
     async def delete(self, key: str) -> bool:
@@ -252,9 +256,9 @@ class SessionStore:
             self._known.discard(key)
             try:
                 return await asyncio.shield(deleting)
-            except sqlite3.Error as exc:
+            except StorageError as exc:
                 self._known.add(key)  # still on disk: the next turn reloads it
-                raise NanobotError(f"could not delete the conversation: {exc}") from exc
+                raise StorageError(f"could not delete the conversation: {exc}") from exc
 
     def _remember(self, key: str, messages: list[ChatMessage], cost: int, version: int | None = None) -> None:
         """Cache ``key`` (at ``version``, on shared storage) as most recently used, then drop the

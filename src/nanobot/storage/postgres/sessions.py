@@ -19,7 +19,7 @@ import orjson
 from nanobot.config import StorageConfig
 from nanobot.errors import LeaseLostError, StorageError
 from nanobot.health import StorageHealth
-from nanobot.storage.base import ChatMessage, Lease, SessionInfo
+from nanobot.storage.base import ChatMessage, Lease, SessionInfo, damaged_data
 from nanobot.storage.postgres.connect import storage_errors
 from nanobot.storage.postgres.leases import CHANNEL
 from nanobot.storage.sqlite import session_table
@@ -79,7 +79,8 @@ class PgSessionBackend:
         sql = "SELECT data FROM turns WHERE session = $1 ORDER BY id DESC LIMIT $2"
         with storage_errors("cannot read a session", self._url):
             rows = await self._pool.fetch(sql, key, limit)
-        return [m for r in reversed(rows) for m in orjson.loads(r[0])]
+        with damaged_data():
+            return [m for r in reversed(rows) for m in orjson.loads(r[0])]
 
     def append(
         self, key: str, messages: Sequence[ChatMessage], lease: Lease | None = None, *, release: bool = True
@@ -142,7 +143,7 @@ class PgSessionBackend:
         self, key: str, max_messages: int, max_bytes: int
     ) -> tuple[SessionInfo, list[ChatMessage], bool] | None:
         """See ``SessionBackend.read``: the row and the newest whole turns, from one snapshot."""
-        with storage_errors("cannot read a session", self._url):
+        with storage_errors("cannot read a session", self._url), damaged_data():
             async with (
                 self._pool.acquire() as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),

@@ -2,7 +2,7 @@
 
 Jobs are batched on the event loop and handed to the thread one batch at a time; a batch's
 turns are one INSERT (see :data:`.session_table.TURN_LOG`). The thread never dies
-of a failing job: every waiter gets its result or a ``sqlite3.Error``.
+of a failing job: every waiter gets its result or a ``StorageError``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import orjson
 
 from nanobot.errors import StorageError
 from nanobot.health import StorageHealth
-from nanobot.storage.base import ChatMessage, Lease, SessionInfo
+from nanobot.storage.base import ChatMessage, Lease, SessionInfo, damaged_data
 from nanobot.storage.sqlite import session_table
 from nanobot.storage.sqlite.writer import RowInsert, SqliteWriter, WriterOptions
 from nanobot.workspace import prepare as prepare_workspace
@@ -54,7 +54,7 @@ class SqliteBackend:
             name="nanobot-sessions-db",
             what=f"the session database {path}",
             rows=RowInsert(_INSERT, 5, _ROWS_PER_INSERT),
-            translate=_as_db_error,
+            translate=_damaged,
         )
         self._writer = SqliteWriter(self._connect, options, health or StorageHealth("sessions"))
 
@@ -77,9 +77,6 @@ class SqliteBackend:
             raise
         return db
 
-    def _storage_error(self, doing: str, exc: sqlite3.Error) -> StorageError:
-        return StorageError(f"{doing} the session database {self._path}: {exc}")
-
     async def _call(self, job: Callable[[sqlite3.Connection], Any]) -> Any:
         return await self._writer.submit(job)
 
@@ -90,8 +87,8 @@ class SqliteBackend:
             rows: list[tuple[str]] = await self._call(
                 lambda db: db.execute("SELECT key FROM sessions").fetchall()
             )
-        except sqlite3.Error as exc:
-            raise self._storage_error("cannot read", exc) from None
+        except StorageError as exc:
+            raise StorageError(f"cannot read {exc}") from exc.__cause__
         return {r[0] for r in rows}
 
     async def load(self, key: str, limit: int) -> list[ChatMessage]:
@@ -102,7 +99,8 @@ class SqliteBackend:
             return db.execute(sql, (key, limit)).fetchall()
 
         rows: list[tuple[bytes]] = await self._call(job)
-        return [m for r in reversed(rows) for m in orjson.loads(r[0])]
+        with damaged_data():
+            return [m for r in reversed(rows) for m in orjson.loads(r[0])]
 
     def append(
         self, key: str, messages: Sequence[ChatMessage], lease: Lease | None = None
@@ -143,8 +141,10 @@ class SqliteBackend:
         await self._writer.close()
 
 
-def _as_db_error(exc: BaseException) -> sqlite3.Error:
-    """``exc`` as the sqlite3 error callers handle (damaged data shows up as ValueError)."""
-    if isinstance(exc, sqlite3.Error):
+def _damaged(exc: BaseException) -> BaseException:
+    """A job's own failure (damaged data shows up as ValueError) as the StorageError callers handle."""
+    if isinstance(exc, StorageError):
         return exc
-    return sqlite3.DatabaseError(f"damaged data in the session database ({type(exc).__name__}: {exc})")
+    error = StorageError(f"damaged data in the session database ({type(exc).__name__}: {exc})")
+    error.__cause__ = exc
+    return error

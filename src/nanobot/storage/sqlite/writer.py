@@ -11,7 +11,8 @@ transaction) unless the store asks for ``BEGIN IMMEDIATE`` (a file other program
 
 Each job runs in a savepoint, so one failing job spares the rest of its batch. The thread never
 dies of a failing job: every waiter gets its result or an exception, and an acknowledged job
-(its future resolved) is committed.
+(its future resolved) is committed. SQLite's errors reach the waiters as
+:class:`~nanobot.errors.StorageError` naming the store (``raise ... from`` the sqlite3 error).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class WriterOptions:
     immediate: bool = False  # BEGIN IMMEDIATE around every batch (the file has other writers)
     rows: RowInsert | None = None
     max_batch: int = 512  # jobs per transaction: bounds how long one commit keeps the others waiting
-    # A failed job's exception as its awaiter sees it (e.g. damaged data as a database error).
+    # A failed job's exception (other than sqlite3's) as its awaiter sees it (e.g. damaged data
+    # as a StorageError).
     translate: Callable[[BaseException], BaseException] = _unchanged
 
 
@@ -178,7 +180,7 @@ class SqliteWriter:
                 try:
                     results = self._run_batch(db, batch)
                 except Exception as exc:  # never let the thread die: every waiter would hang
-                    failure = self._options.translate(exc)
+                    failure = self._failure(exc)
                     results = [(fut, None, failure) for _job, fut in batch]
                 try:
                     loop.call_soon_threadsafe(self._done, results)
@@ -195,11 +197,24 @@ class SqliteWriter:
             results = self._run_step(db, steps[0])
         else:
             results = self._transaction(db, batch, steps)
-        if any(isinstance(exc, sqlite3.Error) for _, _, exc in results):
+        failed = False
+        for i, (fut, _value, exc) in enumerate(results):
+            if exc is not None:
+                error = results[i] = (fut, None, self._failure(exc))
+                failed = failed or isinstance(error[2], StorageError)
+        if failed:
             self._health.failed()
         else:
             self._health.succeeded()
         return results
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        """``exc`` as the waiter sees it: SQLite's errors as a StorageError naming the store."""
+        if isinstance(exc, sqlite3.Error):
+            error = StorageError(f"{self._options.what}: {exc}")
+            error.__cause__ = exc
+            return error
+        return self._options.translate(exc)
 
     def _transaction(self, db: sqlite3.Connection, batch: _Batch, steps: list[_Batch]) -> _Results:
         try:
@@ -254,7 +269,7 @@ class SqliteWriter:
             finally:
                 db.execute("RELEASE job")
         except Exception as exc:  # handed to the job's awaiter, never dropped
-            return [(step[0][1], None, self._options.translate(exc))]
+            return [(step[0][1], None, exc)]
         return [(step[0][1], result, None)]
 
     def _insert_rows(self, db: sqlite3.Connection, step: _Batch) -> _Results:
