@@ -110,6 +110,9 @@ def test_storage_url_is_checked_and_kept_secret() -> None:
     assert "Hunter2" not in str(caught.value)
     with pytest.raises(ConfigError, match=r"storage\.leaseSeconds"):
         parse_config({"storage": {"leaseSeconds": 0}})
+    assert parse_config({"storage": {"probeSeconds": 0.5}}).storage.probe_seconds == 0.5
+    with pytest.raises(ConfigError, match=r"storage\.probeSeconds"):
+        parse_config({"storage": {"probeSeconds": 0}})
 
 
 # --------------------------------------------------------------------------- turn leases
