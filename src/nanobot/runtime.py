@@ -71,7 +71,8 @@ def build_app(config: Config) -> web.Application:
     async def runtime(_app: web.Application) -> AsyncIterator[None]:
         defaults = config.agents.defaults
         _name, provider_config = config.provider()
-        sessions = await open_storage(config, readiness.store("sessions"))
+        storage = await open_storage(config, readiness)
+        sessions = storage.sessions
         app[SESSION_STORE].store = sessions  # the /v1/sessions routes
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
@@ -101,7 +102,7 @@ def build_app(config: Config) -> web.Application:
             await manager.stop()
             await provider.close()
             app[SESSION_STORE].store = None
-            await sessions.close()
+            await storage.close()
             await shutdown_extractors()
 
     app.cleanup_ctx.append(workspace)

@@ -2,14 +2,13 @@
 
 :class:`PgStorage` opens the pool, applies the versioned migrations under an advisory lock and
 holds the implementations: :class:`PgSessionBackend` (the session contract of
-:mod:`nanobot.sessions`) and :class:`PgTurnLeases` (one turn per session across processes, with
-fencing tokens).
+:mod:`nanobot.storage.base`) and :class:`PgTurnLeases` (one turn per session across processes,
+with fencing tokens).
 """
 
 from nanobot.storage.postgres.leases import PgTurnLeases
 from nanobot.storage.postgres.migrations import SCHEMA_VERSION
-from nanobot.storage.postgres.session_store import PgSessionStore
 from nanobot.storage.postgres.sessions import PgSessionBackend
 from nanobot.storage.postgres.store import PgStorage
 
-__all__ = ["SCHEMA_VERSION", "PgSessionBackend", "PgSessionStore", "PgStorage", "PgTurnLeases"]
+__all__ = ["SCHEMA_VERSION", "PgSessionBackend", "PgStorage", "PgTurnLeases"]
