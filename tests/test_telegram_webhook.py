@@ -165,3 +165,16 @@ def test_the_webhook_secret_is_a_secret(make_config: Callable[..., Any]) -> None
     config = make_config({"channels": {"telegram": {"enabled": True, "token": "1:abc", "webhook": webhook}}})
     assert SECRET in config_secrets(config) and SECRET not in repr(config)
     assert config.channels.webhook_routes == {ROUTE}
+
+
+async def test_switching_back_to_polling_deletes_the_webhook(
+    telegram: FakeTelegram, start_gateway: Callable[..., Awaitable[str]], fake_llm: FakeLLM
+) -> None:
+    """A bot left in webhook mode polls again once the webhook is removed from the config: the
+    webhook is deleted (Telegram refuses getUpdates while one is set) and messages get answered."""
+    telegram.webhook = {"url": f"https://{PUBLIC}{ROUTE}", "secret_token": SECRET}  # from the last run
+    await start_gateway({"channels": {"telegram": telegram_section(telegram.root)}})  # type: ignore[attr-defined]
+    await telegram.push_text(5, 7, "polling again")
+    assert await turns_for(fake_llm, "polling again", wait=True) == 1
+    assert telegram.webhook is None
+    assert ("deleteWebhook", {"drop_pending_updates": False}) in telegram.webhook_calls
