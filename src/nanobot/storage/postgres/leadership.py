@@ -169,13 +169,19 @@ class PgChannelInbound:
         unique = list(dict.fromkeys(ids))
         if not unique:
             return []
-        async with self._io:
-            conn = await self._connection()
-            with storage_errors(f"cannot record {self._channel} update ids", self._url):
-                if time.monotonic() - self._pruned_at > PRUNE_EVERY:
-                    await conn.execute(_PRUNE, self.name, KEEP_SECONDS)
-                    self._pruned_at = time.monotonic()
-                rows = await conn.fetch(_RECORD, self.name, unique)
+        doing = f"cannot record {self._channel} update ids"
+        try:
+            # Bounded: a Discord leader records from its Gateway reader, which must keep reading.
+            async with asyncio.timeout(self._connect_timeout), self._io:
+                conn = await self._connection()
+                with storage_errors(doing, self._url):
+                    if time.monotonic() - self._pruned_at > PRUNE_EVERY:
+                        await conn.execute(_PRUNE, self.name, KEEP_SECONDS)
+                        self._pruned_at = time.monotonic()
+                    rows = await conn.fetch(_RECORD, self.name, unique)
+        except TimeoutError:
+            self._drop()  # (a leader steps down with it: the database does not answer)
+            raise StorageError(f"{doing}: the database did not answer") from None
         new = {row["update_id"] for row in rows}
         return [i for i in unique if i in new]
 
