@@ -210,13 +210,11 @@ class Supervisor:
             worker.started_at = loop.time()
             worker.failed_starts = 0
             return None
+        if heard in done:  # its end closed without a word: it is exiting
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), _KILL_AFTER)
         if proc.returncode is None:  # neither listening nor gone in time
-            log.error(
-                "worker %d (pid %d) did not listen within %g s: killed",
-                worker.index,
-                proc.pid,
-                _START_TIMEOUT,
-            )
+            log.error("worker %d (pid %d) did not listen in time: killed", worker.index, proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
