@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -69,3 +70,14 @@ async def ask(http: aiohttp.ClientSession, url: str, session_id: str, text: str)
         assert r.status == 200, await r.text()
         answer: str = (await r.json())["choices"][0]["message"]["content"]
         return answer
+
+
+async def wait_ready(url: str, within: float = 60) -> None:
+    """Poll ``GET /health/ready`` (with a deadline) until it answers 200."""
+    async with asyncio.timeout(within), aiohttp.ClientSession() as http:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"{url}/health/ready") as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.05)  # a starting process, polled with a deadline
