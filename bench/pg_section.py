@@ -283,8 +283,9 @@ def _workers_rows(r: Report, plan: WorkersPlan, direct: Result, results: dict[in
             row.ok, row.note = False, f"{failed} failed: {runs[0]['error_sample'][:100]}"
     bound = "" if plan.pinned else (
         " Unpinned, the load generator, the upstream, PostgreSQL and the workers share the same few "
-        "cores: the figures are bounded by the load generator, not by the workers (the direct column "
-        "is the load generator against the upstream alone)."
+        "cores: the figures are bounded by the machine (load generator included), not by the workers, "
+        "and more workers add contention, not capacity (the direct column is the load generator "
+        "against the upstream alone)."
     )  # fmt: skip
     r.note(
         f"Section {WORKERS_SECTION}: `nanobot serve --workers N` on PostgreSQL, c={WORKERS_CONCURRENCY} "
