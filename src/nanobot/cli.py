@@ -154,7 +154,11 @@ def _supervise(config: Config, args: argparse.Namespace) -> int:
         argv.append("-v")
     if args.storage_url is not None:  # (already on our own command line: no new exposure)
         argv += ["--storage-url", args.storage_url]
-    return asyncio.run(Supervisor(argv, config.api.workers, config.api.shutdown_grace).run())
+    supervisor = Supervisor(argv, config.api.workers, config.api.shutdown_grace)
+    try:
+        return asyncio.run(supervisor.run())
+    except KeyboardInterrupt:  # Ctrl-C before its handler was installed: nothing started yet
+        return 130
 
 
 def _outbox(args: argparse.Namespace) -> int:
