@@ -46,8 +46,9 @@ def build_app(config: Config) -> web.Application:
     app[CHANNELS] = manager = build_channel_manager(config, bus, api, readiness.store("outbox"))
 
     async def workspace(_app: web.Application) -> AsyncIterator[None]:
-        # First: nothing else may touch the workspace unless it is ours alone.
-        lock = WorkspaceLock.acquire(config.agents.defaults.workspace_path)
+        # First: nothing else may touch the workspace unless it is ours alone (SQLite), or
+        # shared only with other servers on the same kind of storage (PostgreSQL).
+        lock = WorkspaceLock.acquire(config.agents.defaults.workspace_path, shared=config.storage.is_postgres)
         try:
             yield
         finally:
@@ -161,10 +162,13 @@ def describe(config: Config, source: str) -> None:
                     "(set providers.%s.apiKey)", provider.name, provider.name)  # fmt: skip
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None, source: str = "") -> None:
+async def serve(
+    config: Config, *, ready: asyncio.Event | None = None, source: str = "", reuse_port: bool = False
+) -> None:
     """Run the gateway until SIGINT/SIGTERM (or cancellation), then shut down in order.
 
-    ``source`` is where the config came from (a path; empty: the built-in defaults).
+    ``source`` is where the config came from (a path; empty: the built-in defaults);
+    ``reuse_port``: share the port with sibling workers (SO_REUSEPORT; see ``workers.py``).
     """
     app = build_app(config)
     runner = make_runner(app, config.api)
@@ -176,7 +180,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, source: s
     try:
         # Inside the try: a start-up that fails half-way still unwinds what it started.
         await runner.setup()
-        site = web.TCPSite(runner, config.api.host, config.api.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(
+            runner, config.api.host, config.api.port, backlog=1024, reuse_address=True, reuse_port=reuse_port
+        )
         try:
             await site.start()
         except OSError as exc:  # the port is taken, or the address is not ours
