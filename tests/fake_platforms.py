@@ -29,8 +29,8 @@ from aiohttp import WSMsgType, web
 
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
-from nanobot.channels.manager import ChannelManager, build_channel_manager
 from nanobot.config import Config, parse_config
+from nanobot.delivery.manager import ChannelManager, build_channel_manager
 
 TELEGRAM_TOKEN = "123456:SECRET-telegram-token-abc"
 DISCORD_TOKEN = "SECRET.discord.token-xyz"

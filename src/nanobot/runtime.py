@@ -15,9 +15,9 @@ from nanobot.agent.loop import AgentLoop
 from nanobot.attachments import shutdown_extractors
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
-from nanobot.channels.lifecycle import RetryPolicy, reload_on_signal
-from nanobot.channels.manager import ChannelManager, build_channel_manager
 from nanobot.config import Config, describe_provider, safe_url
+from nanobot.delivery.lifecycle import RetryPolicy, reload_on_signal
+from nanobot.delivery.manager import ChannelManager, build_channel_manager
 from nanobot.errors import NanobotError
 from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 from nanobot.bus import DeliveryReceipt, OutboundKind, OutboundMessage
 from nanobot.channels.base import Channel
-from nanobot.channels.lifecycle import RetryPolicy
-from nanobot.channels.outbox import Outbox, OutboxEntry, State
+from nanobot.delivery.lifecycle import RetryPolicy
+from nanobot.delivery.outbox import Outbox, OutboxEntry, State
 from nanobot.errors import ChannelPermanentError, ChannelRetryableError
 
 log = logging.getLogger(__name__)

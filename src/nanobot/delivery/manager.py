@@ -23,11 +23,11 @@ from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessa
 from nanobot.channels.api import ApiChannel
 from nanobot.channels.base import Channel
 from nanobot.channels.discord import DiscordChannel
-from nanobot.channels.lanes import Lanes, resolve
-from nanobot.channels.lifecycle import RetryPolicy, keep_starting, reconcile, try_start
-from nanobot.channels.outbox import NewMessage, Outbox, OutboxEntry, OutboxStore, State
 from nanobot.channels.telegram import TelegramChannel
 from nanobot.config import ChannelsConfig, Config
+from nanobot.delivery.lanes import Lanes, resolve
+from nanobot.delivery.lifecycle import RetryPolicy, keep_starting, reconcile, try_start
+from nanobot.delivery.outbox import NewMessage, Outbox, OutboxEntry, OutboxStore, State
 from nanobot.errors import ChannelError
 from nanobot.health import StorageHealth
 

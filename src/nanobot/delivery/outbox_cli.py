@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from nanobot.channels.lifecycle import notify_server
-from nanobot.channels.outbox import OutboxEntry, State, connect, select
 from nanobot.config import Config
+from nanobot.delivery.lifecycle import notify_server
+from nanobot.delivery.outbox import OutboxEntry, State, connect, select
 from nanobot.errors import StorageError
 
 USAGE = "usage: nanobot outbox list [--all] | retry ID | drop ID"
