@@ -65,7 +65,9 @@ def build_app(config: Config) -> web.Application:
     async def runtime(_app: web.Application) -> AsyncIterator[None]:
         defaults = config.agents.defaults
         _name, provider_config = config.provider()
-        sessions = await open_storage(config, readiness.store("sessions"))
+        storage = await open_storage(config, readiness.store("sessions"), readiness.store("outbox"))
+        sessions = storage.sessions
+        manager.use_outbox(storage.outbox, storage.ownership)
         app[SESSION_STORE].store = sessions  # the /v1/sessions routes
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()

@@ -25,9 +25,10 @@ from nanobot.channels.base import Channel
 from nanobot.channels.discord import DiscordChannel
 from nanobot.channels.telegram import TelegramChannel
 from nanobot.config import ChannelsConfig, Config
-from nanobot.delivery.lanes import Lanes, resolve
+from nanobot.delivery.lanes import ELSEWHERE, Lanes, resolve
 from nanobot.delivery.lifecycle import RetryPolicy, keep_starting, reconcile, try_start
 from nanobot.delivery.outbox import NewMessage, Outbox, OutboxEntry, OutboxStore, State
+from nanobot.delivery.ownership import LaneOwnership, OneProcess
 from nanobot.errors import ChannelError
 from nanobot.health import StorageHealth
 
@@ -72,6 +73,7 @@ class ChannelManager:
         self._candidates = channels
         self._channels: dict[str, Channel] = {api.name: api}
         self._store = store
+        self._ownership: LaneOwnership = OneProcess()
         self._config = config
         self._policy = RetryPolicy(config)
         self._intake: list[OutboundMessage] = []
@@ -107,9 +109,16 @@ class ChannelManager:
         """The outbox behind the durable channels."""
         return self._store
 
+    def use_outbox(self, store: Outbox, ownership: LaneOwnership) -> None:
+        """Keep the outbox in ``store`` (the one ``storage.url`` names), its lanes claimed through
+        ``ownership``; before :meth:`start`."""
+        self._store, self._ownership = store, ownership
+        self._lanes.use(store, ownership)
+
     async def start(self) -> None:
         """Open the outbox, start the channels (refused: down; unreachable: retried), resume work."""
         await self._store.open()
+        await self._ownership.start(self.request_reload)
         await self._api.start()
         for channel in self._candidates:
             try:
@@ -150,6 +159,7 @@ class ChannelManager:
                 await channel.stop()
             except ChannelError as exc:
                 log.warning("channel %s did not stop cleanly: %s", channel.name, exc)
+        await self._ownership.stop()
         await self._store.close()
 
     def _durable(self) -> frozenset[str]:
@@ -239,8 +249,10 @@ class ChannelManager:
         for msg in batch:
             content = APOLOGY if msg.kind == OutboundKind.ERROR else msg.content
             held = msg.channel not in self._channels
-            meta = dict(msg.metadata)
-            news.append(NewMessage(msg.channel, msg.chat_id, str(msg.kind), content, meta, held))
+            # No platform shows U+0000, and PostgreSQL text cannot hold it: dropped on every backend.
+            meta = {_no_nul(k): _no_nul(v) for k, v in msg.metadata.items()}
+            chat_id, text = _no_nul(msg.chat_id), _no_nul(content)
+            news.append(NewMessage(msg.channel, chat_id, str(msg.kind), text, meta, held))
         try:
             entries = await self._store.add(news)
         except Exception as exc:  # the disk failed: every sender learns it, nothing is sent uncommitted
@@ -256,6 +268,9 @@ class ChannelManager:
                 continue
             if not deliver:
                 resolve(msg, SHUTTING_DOWN)
+                continue
+            if not self._ownership.holds(entry.channel, entry.chat_id):
+                resolve(msg, ELSEWHERE)  # committed; the process holding that chat's lane sends it
                 continue
             ahead = self._lanes.ahead(entry.channel, entry.chat_id)
             if ahead:  # its first attempt waits for theirs (maybe retrying for long): say so now
@@ -321,3 +336,7 @@ class ChannelManager:
             self._idle.clear()
             if self._reloaded is not None:
                 self._reloaded.add(entry.id)
+
+
+def _no_nul(text: str) -> str:
+    return text.replace("\x00", "") if "\x00" in text else text
