@@ -45,6 +45,9 @@ from nanobot.storage.postgres.connect import DRIVER_ERRORS, reason, storage_erro
 log = logging.getLogger(__name__)
 
 Lane = tuple[str, str]
+# Our leases are judged from when the claim or renewal was *sent*, and end a little early here:
+# the database's lease (from when it ran the statement) always outlasts what we believe.
+_MARGIN = 0.9
 _CLAIM_BATCH = 256  # lanes claimed per statement; more are claimed by the next re-read
 _WAITING = [str(s) for s in (State.PENDING, State.HELD, State.FAILED, State.EXPIRED)]
 
@@ -114,8 +117,9 @@ class PgOutbox:
         async with self._lock, writing, self._pool.acquire() as conn, conn.transaction():
             ids = {r["uid"]: r["id"] for r in await conn.fetch(sql.INSERT, *columns, now)}
             await conn.execute(sql.ENSURE_LANES, *chats)
-            enabled = sorted(self._enabled)
-            self._take(await conn.fetch(sql.CLAIM, enabled, self.holder, self._ttl, *chats, _CLAIM_BATCH))
+            enabled, started = sorted(self._enabled), time.monotonic()
+            claimed = await conn.fetch(sql.CLAIM, enabled, self.holder, self._ttl, *chats, _CLAIM_BATCH)
+            self._take(claimed, started)
             if any(lane not in self._lanes for lane in lanes):
                 await conn.execute(sql.NOTIFY)  # (sent at commit) others deliver or release these
         out = []
@@ -161,8 +165,9 @@ class PgOutbox:
                     await conn.execute(sql.PRUNE_DELIVERED, now - DELIVERED_KEEP_SECONDS)
             self._pruned = True
             await self._renew(conn)
+            started = time.monotonic()
             claimed = await conn.fetch(sql.CLAIM, names, self.holder, self._ttl, None, None, _CLAIM_BATCH)
-            self._take(claimed)
+            self._take(claimed, started)
             tokens = list(self._lanes.values())
             rows = await conn.fetch(sql.MINE, self.holder, tokens)
             self._read_holds(await conn.fetch(sql.HOLDS))
@@ -242,9 +247,10 @@ class PgOutbox:
             raise
         self._health.succeeded()
 
-    def _take(self, claimed: list[asyncpg.Record]) -> None:
+    def _take(self, claimed: list[asyncpg.Record], started: float) -> None:
+        """Hold the lanes claimed by a statement sent at ``started`` (monotonic)."""
         if claimed and not self._lanes:
-            self._valid_until = time.monotonic() + self._ttl
+            self._valid_until = started + self._ttl * _MARGIN
         for r in claimed:
             self._lanes[(r["channel"], r["chat_id"])] = r["token"]
 
@@ -260,7 +266,7 @@ class PgOutbox:
             del self._lanes[lane]
         if lost:
             log.warning("outbox: %d chat lane(s) taken over by another process (lease ran out)", len(lost))
-        self._valid_until = started + self._ttl
+        self._valid_until = started + self._ttl * _MARGIN
 
     async def _keep_leases(self) -> None:
         """Renew our leases a few times per lease; give back lanes with nothing left to send."""
