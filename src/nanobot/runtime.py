@@ -198,8 +198,12 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, source: s
         # the garbage (freed by reference counting): every 20,000 allocations instead of 700
         # does the same walk 28x less often. Cycles are rare here; they wait a little longer.
         gc.set_threshold(20_000, 10, 10)
-        # `nanobot outbox retry|drop` signals SIGUSR1 (via <workspace>/nanobot.pid) to apply at once.
-        with reload_on_signal(config.agents.defaults.workspace_path, app[CHANNELS].request_reload):
+        # `nanobot outbox retry|drop` signals SIGUSR1 (via <workspace>/nanobot.pid) to apply at once;
+        # on PostgreSQL it sends a NOTIFY, which the outbox itself listens for.
+        workspace_path = config.agents.defaults.workspace_path
+        hand_edits = (contextlib.nullcontext() if config.storage.is_postgres
+                      else reload_on_signal(workspace_path, app[CHANNELS].request_reload))  # fmt: skip
+        with hand_edits:
             if ready is not None:
                 ready.set()
             await run_until(stop, runner, config.api)
