@@ -137,14 +137,19 @@ async def test_messages_to_many_chats_arrive_once_in_order(
 async def test_nul_characters_are_dropped_not_fatal(
     backend: Backend, telegram: tuple[FakeTelegram, str], tmp_path: Path
 ) -> None:
-    """A message with NUL characters (PostgreSQL text cannot hold them) goes out without them."""
+    """NUL characters (PostgreSQL text cannot hold them) are dropped when stored, not a failure."""
     fake, url = telegram
     bus = MessageBus()
     receipt: asyncio.Future[DeliveryReceipt] = asyncio.get_running_loop().create_future()
-    async with running(make_config(tmp_path, telegram=url), backend, bus) as manager:
-        bus.publish_outbound(OutboundMessage("telegram", "7", "nul\x00 here\x00", receipt=receipt,
+    async with running(make_config(tmp_path), backend, bus) as manager:  # telegram off: held
+        bus.publish_outbound(OutboundMessage("telegram", "7\x00", "nul\x00 here\x00", receipt=receipt,
                                              metadata={"note": "a\x00b"}))  # fmt: skip
-        assert await receipt == DeliveryReceipt("sent")
+        assert (await receipt).status == "queued"
+        await manager.wait_idle()
+        [stored] = await manager.store.recover(frozenset({"telegram"}), 3600)
+    assert (stored.chat_id, stored.content, stored.metadata) == ("7", "nul here", {"note": "ab"})
+    async with running(make_config(tmp_path, telegram=url), backend, bus) as manager:
+        await fake.until(lambda: len(fake.sent) >= 1)
         await manager.wait_idle()
     assert fake.texts("7") == ["nul here"]
 

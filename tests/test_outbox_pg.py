@@ -117,3 +117,12 @@ async def test_a_rate_limit_seen_by_one_process_holds_the_others(process: Opener
     assert two.held_for("telegram") > 20 and two.held_for("discord") == 0
     await late.recover(TELEGRAM, 3600)  # a process that starts later reads it from the table
     assert late.held_for("telegram") > 20
+
+
+async def test_nul_characters_are_stored_without_them(process: Opener) -> None:
+    """PostgreSQL text cannot hold U+0000: the outbox drops it instead of failing the message."""
+    one = await process()
+    await one.recover(TELEGRAM, 3600)
+    await one.add([NewMessage("telegram", "9\x00", "message", "a\x00b", {"k\x00": "v\x00"})])
+    [stored] = await one.recover(TELEGRAM, 3600)
+    assert (stored.chat_id, stored.content, stored.metadata) == ("9", "ab", {"k": "v"})

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from aiohttp.test_utils import TestServer
 from served import Served, serve
 
 from fake_llm import FakeLLM, Json, Step
-from fake_platforms import FakeTelegram, telegram_section
+from fake_platforms import Failure, FakeTelegram, telegram_section
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 _SEND = re.compile(r"send (\S+) (\d+) (\d+)")
@@ -140,7 +141,10 @@ async def test_kill_9_of_the_delivering_process_loses_nothing(
     """kill -9 of a server mid-delivery: its chats resume on another after the lease; nothing is
     lost, order holds, and at most the message under way is sent twice."""
     fake, url = telegram
-    fake.send_delay = 0.02  # a slow platform: delivery is still going on after the enqueueing
+    fake.send_delay = 0.02  # a slow platform
+    # The first send gets a 429: every server holds Telegram for a while (the hold is shared), so
+    # the messages are all enqueued before delivery is under way.
+    fake.failures.append(Failure(429, "Too Many Requests: retry after 6", retry_after=6))
     chats, per_chat = 6, 40
     async with three_servers(tmp_path, sender, url, pg_url, lease=1.0) as servers:
         await enqueue(servers, chats=chats, per_chat=per_chat, per_turn=10)
@@ -174,3 +178,58 @@ async def test_kill_9_of_the_delivering_process_loses_nothing(
         assert once == expected(chat, per_chat), f"chat {100 + chat}"
         repeated += len(texts) - len(once)
     assert repeated <= victim_lanes  # at most the one under way in each of the victim's chats
+
+
+async def cli(config: Path, *args: str) -> tuple[int, str]:
+    """`nanobot outbox ARGS -c CONFIG` as a real process; its exit code and output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nanobot", "outbox", *args, "-c", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()
+
+
+async def one_row(pg_url: str, wanted: str) -> asyncpg.Record:
+    """The first outbox row matching the SQL condition ``wanted`` (polled with a deadline)."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        async with asyncio.timeout(30):
+            while (row := await conn.fetchrow(f"SELECT * FROM outbox WHERE {wanted}")) is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # (another process's write, polled with a deadline)
+        return row
+    finally:
+        await conn.close()
+
+
+async def test_outbox_cli_acts_on_the_shared_outbox_and_wakes_the_servers(
+    tmp_path: Path, sender: Sender, telegram: tuple[FakeTelegram, str], pg_url: str
+) -> None:
+    """`nanobot outbox list|retry|drop` on PostgreSQL: a retried message is sent at once by a
+    running server, a dropped one never; the servers are told through NOTIFY, no pid file."""
+    fake, url = telegram
+    servers_up = three_servers(tmp_path, sender, url, pg_url, lease=30)
+    async with servers_up as servers, aiohttp.ClientSession() as http:
+        config = tmp_path / "a" / "config.json"
+        fake.failures.append(Failure(403, "Forbidden: bot was blocked by the user"))
+        await send(http, servers[0], "100", 0, 1)
+        failed = await one_row(pg_url, "state = 'failed'")
+        code, listing = await cli(config, "list")
+        assert code == 0 and "failed" in listing and "100:0" in listing and "blocked" in listing
+        assert "pg-Secret" not in listing
+        code, said = await cli(config, "retry", str(failed["id"]))
+        assert code == 0 and said.startswith(f"retry {failed['id']}: pending; every nanobot serve on "), said
+        await fake.until(lambda: fake.texts("100") == ["100:0"], within=30)
+
+        fake.failures.append(Failure(429, "Too Many Requests: retry after 3600", retry_after=3600))
+        await send(http, servers[1], "101", 0, 1)
+        waiting = await one_row(pg_url, "state = 'pending' AND attempts = 1")
+        code, said = await cli(config, "drop", str(waiting["id"]))
+        assert code == 0 and said.startswith(f"drop {waiting['id']}: dropped; every nanobot serve"), said
+        # (the server that enqueued it claimed its free chat lane, so it is the one that skips it)
+        await servers[1].wait_log(f"message {waiting['id']} was dropped by hand", within=30)
+        assert fake.texts("101") == []
+        code, listing = await cli(config, "list")
+        assert code == 0 and listing.strip() == "the outbox is empty"
+        assert (await cli(config, "retry", "99999"))[0] == 1
+        assert not any((tmp_path / name / "ws" / "nanobot.pid").exists() for name in "abc")
