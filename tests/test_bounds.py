@@ -15,7 +15,7 @@ import pytest
 
 from nanobot.config import parse_config
 from nanobot.errors import ConfigError
-from nanobot.sessions import SessionStore
+from nanobot.storage.sessions import SessionStore
 from served import serve
 
 from fake_llm import FakeLLM, Step

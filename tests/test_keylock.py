@@ -1,10 +1,10 @@
-"""The per-session turn locks (nanobot.keylock): FIFO, and cancellation never strands a session."""
+"""The per-session turn locks (nanobot.storage.keylock): FIFO, and cancellation never strands a session."""
 
 from __future__ import annotations
 
 import asyncio
 
-from nanobot.keylock import KeyedLocks
+from nanobot.storage.keylock import KeyedLocks
 
 
 async def test_turns_on_one_key_run_in_arrival_order_and_other_keys_do_not_wait() -> None:

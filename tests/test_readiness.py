@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
@@ -104,3 +105,46 @@ async def test_not_ready_while_shutting_down(tmp_path: Path, fake_llm: FakeLLM) 
         gate.set()
         assert (await asyncio.wait_for(stream.read(), 15)).endswith(b"data: [DONE]\n\n")
         assert await gw.exit_code() == 0
+
+
+async def _ready_status(s: aiohttp.ClientSession, gw: str, wanted: int) -> dict[str, Any]:
+    """Poll /health/ready (with a deadline) until it answers ``wanted``; its body."""
+    async with asyncio.timeout(30):
+        while True:
+            status, body = await ready(s, gw)
+            if status == wanted:
+                return body
+            await asyncio.sleep(0.05)  # (the probe runs in the server: polled, with a deadline)
+
+
+async def test_postgres_unreachable_is_not_ready_until_it_returns(
+    start_gateway: Start, fake_llm: FakeLLM, pg_url: str
+) -> None:
+    """While the PostgreSQL database refuses connections (its sessions cut, new ones refused),
+    /health/ready turns 503 on its own, with no request failing first, and chat requests get a
+    503 with Retry-After; once the database accepts connections again, /health/ready is 200 and
+    chat works, with no restart."""
+    database = pg_url.rsplit("/", 1)[1]
+    gw = await start_gateway({"storage": {"url": pg_url, "probeSeconds": 0.05}})
+    admin = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")  # (a database of its own)
+    try:
+        async with aiohttp.ClientSession() as s:
+            assert (await ready(s, gw))[0] == 200
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                database,
+            )
+            body = await _ready_status(s, gw, 503)
+            assert body["status"] == "unavailable" and body["storage"]["sessions"] == "failing", body
+            async with s.post(f"{gw}/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "1", await r.text()
+                assert (await r.json())["error"]["code"] == "storage_error"
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+            assert (await _ready_status(s, gw, 200)) == READY
+            fake_llm.push(Step(text="back"))
+            async with s.post(f"{gw}/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200, await r.text()
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from nanobot.config import StorageConfig
-from nanobot.session_db import SqliteBackend
-from nanobot.sessions import SessionBackend
+from nanobot.storage.base import SessionBackend
 from nanobot.storage.postgres import PgStorage
+from nanobot.storage.sqlite.sessions import SqliteBackend
 
 
 def turn(user: str, answer: str) -> list[dict[str, Any]]:
@@ -27,6 +27,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     """A fresh session backend of each kind."""
     if request.param == "sqlite":
         sqlite = SqliteBackend(tmp_path / "sessions.db")
+        await sqlite.open()
         yield sqlite
         await sqlite.close()
         return

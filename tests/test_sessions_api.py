@@ -343,9 +343,9 @@ async def test_a_database_from_a_newer_version_is_refused_at_start(tmp_path: Pat
 async def test_a_damaged_turn_is_a_clean_error_and_the_store_keeps_working(
     start_gateway: Callable[..., Awaitable[str]], tmp_path: Path
 ) -> None:
-    """A stored turn that is not JSON any more makes reading that session a 500 storage_error
+    """A stored turn that is not JSON any more makes reading that session a 503 storage_error
     (no traceback), and the database thread survives it: every later request is answered."""
-    from nanobot.sessions import SessionStore
+    from nanobot.storage.sessions import SessionStore
 
     workspace = tmp_path / "ws"
     store = await SessionStore.open(workspace)
@@ -358,7 +358,7 @@ async def test_a_damaged_turn_is_a_clean_error_and_the_store_keeps_working(
     db.close()
     url = await start_gateway()
     status, data = await call("GET", f"{url}/v1/sessions/broken")
-    assert status == 500 and data["error"]["code"] == "storage_error", data
+    assert status == 503 and data["error"]["code"] == "storage_error", data
     status, data = await call("GET", f"{url}/v1/sessions")  # the thread is still there
     assert status == 200 and [s["id"] for s in data["data"]] == ["broken"]
     body = {"messages": [{"role": "user", "content": "still here?"}], "session_id": "fine"}

@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+import asyncpg
+import orjson
 import pytest
 
 from nanobot.config import StorageConfig, parse_config
 from nanobot.errors import ConfigError, LeaseLostError, StorageError
 from nanobot.redact import config_secrets
 from nanobot.storage.postgres import SCHEMA_VERSION, PgStorage
+from nanobot.storage.sessions import SessionStore
 from pg import _QUOTED_PASSWORD, PASSWORD, PgServer
 
 TURN = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -106,6 +110,9 @@ def test_storage_url_is_checked_and_kept_secret() -> None:
     assert "Hunter2" not in str(caught.value)
     with pytest.raises(ConfigError, match=r"storage\.leaseSeconds"):
         parse_config({"storage": {"leaseSeconds": 0}})
+    assert parse_config({"storage": {"probeSeconds": 0.5}}).storage.probe_seconds == 0.5
+    with pytest.raises(ConfigError, match=r"storage\.probeSeconds"):
+        parse_config({"storage": {"probeSeconds": 0}})
 
 
 # --------------------------------------------------------------------------- turn leases
@@ -123,32 +130,34 @@ async def test_two_processes_take_turns_on_one_session(open_storage: Opener) -> 
     """While one process holds a session's lease, another waits; a release wakes it at once."""
     one, two = await open_storage(), await open_storage()
     first = await one.leases.acquire("api:s", "one", 3600)  # (only a NOTIFY can wake the waiter)
+    assert first.version is None  # (no turns yet)
     waiting = asyncio.create_task(two.leases.acquire("api:s", "two", 3600))
-    await tried(one, first + 1)  # the other process has tried, and waits
-    await one.sessions.append("api:s", TURN, first)
-    assert await two.leases.holder("api:s") == ("one", first)
+    await tried(one, first.token + 1)  # the other process has tried, and waits
+    await one.sessions.append("api:s", TURN, first, release=False)
+    assert await two.leases.holder("api:s") == ("one", first.token)
     assert not waiting.done()
-    assert await one.leases.release("api:s", first)
+    version = await one.sessions.append("api:s", TURN, first)  # ... and gives the lease back
     second = await asyncio.wait_for(waiting, 30)
-    assert second > first
-    assert await one.leases.holder("api:s") == ("two", second)
+    assert second.token > first.token and second.version == version
+    assert await one.leases.holder("api:s") == ("two", second.token)
     await two.sessions.append("api:s", TURN, second)
-    assert len(await one.sessions.load("api:s", 10)) == 4
+    assert len(await one.sessions.load("api:s", 10)) == 6
+    assert await one.leases.holder("api:s") is None
 
 
 async def test_waiters_in_one_process_are_served_in_order(open_storage: Opener) -> None:
     """Turns queued on one session in one process run in the order they arrived."""
     storage = await open_storage()
-    token = await storage.leases.acquire("api:q", "first", 3600)
+    lease = await storage.leases.acquire("api:q", "first", 3600)
     order: list[str] = []
 
     async def turn_of(name: str) -> None:
         mine = await storage.leases.acquire("api:q", name, 3600)
         order.append(name)
-        await storage.leases.release("api:q", mine)
+        await storage.leases.release("api:q", mine.token)
 
     waiters = [asyncio.create_task(turn_of(f"w{i}")) for i in range(5)]
-    await storage.leases.release("api:q", token)
+    await storage.leases.release("api:q", lease.token)
     await asyncio.wait_for(asyncio.gather(*waiters), 30)
     assert order == [f"w{i}" for i in range(5)]
 
@@ -159,9 +168,10 @@ async def test_a_crashed_holder_blocks_its_session_only_until_the_lease_ends(ope
     await crashed.leases.acquire("api:c", "crashed", 0.5)
     crashed.pool.terminate()  # gone without a word: no release, no NOTIFY
     await crashed.leases.close()
-    token = await asyncio.wait_for(survivor.leases.acquire("api:c", "survivor", 30), 30)
-    await survivor.sessions.append("api:c", TURN, token)
-    assert await survivor.leases.holder("api:c") == ("survivor", token)
+    lease = await asyncio.wait_for(survivor.leases.acquire("api:c", "survivor", 30), 30)
+    assert await survivor.leases.holder("api:c") == ("survivor", lease.token)
+    await survivor.sessions.append("api:c", TURN, lease)
+    assert await survivor.sessions.load("api:c", 10) == TURN
 
 
 async def test_a_stalled_holder_cannot_write_over_a_newer_turn(open_storage: Opener) -> None:
@@ -170,40 +180,40 @@ async def test_a_stalled_holder_cannot_write_over_a_newer_turn(open_storage: Ope
     stale = await slow.leases.acquire("api:f", "slow", 0.3)
     fresh = await asyncio.wait_for(fast.leases.acquire("api:f", "fast", 30), 30)  # after expiry
     newer = [{"role": "user", "content": "newer"}, {"role": "assistant", "content": "kept"}]
-    await fast.sessions.append("api:f", newer, fresh)
+    await fast.sessions.append("api:f", newer, fresh, release=False)
     with pytest.raises(LeaseLostError, match="not saved"):
         await slow.sessions.append("api:f", [{"role": "user", "content": "stale"}], stale)
-    assert not await slow.leases.renew("api:f", stale, 30)
-    assert not await slow.leases.release("api:f", stale)  # ... and cannot free the newer holder
-    assert await fast.leases.holder("api:f") == ("fast", fresh)
+    assert not await slow.leases.renew("api:f", stale.token, 30)
+    assert not await slow.leases.release("api:f", stale.token)  # ... and cannot free the newer holder
+    assert await fast.leases.holder("api:f") == ("fast", fresh.token)
     assert await fast.sessions.load("api:f", 10) == newer
-    assert await fast.leases.renew("api:f", fresh, 30)
+    assert await fast.leases.renew("api:f", fresh.token, 30)
 
 
 async def test_a_released_token_cannot_write(open_storage: Opener) -> None:
     """After a turn released its lease, its token writes nothing, even with nobody else holding it."""
     storage = await open_storage()
-    token = await storage.leases.acquire("api:r", "me", 30)
-    await storage.leases.release("api:r", token)
+    lease = await storage.leases.acquire("api:r", "me", 30)
+    await storage.leases.release("api:r", lease.token)
     with pytest.raises(LeaseLostError):
-        await storage.sessions.append("api:r", TURN, token)
+        await storage.sessions.append("api:r", TURN, lease)
     assert await storage.sessions.keys() == set()
 
 
 async def test_a_cancelled_waiter_leaves_nothing_behind(open_storage: Opener) -> None:
     """A turn cancelled while waiting for its session (client gone) does not hold up the next one."""
     one, two = await open_storage(), await open_storage()
-    token = await one.leases.acquire("api:x", "one", 3600)
+    lease = await one.leases.acquire("api:x", "one", 3600)
     gone = asyncio.create_task(two.leases.acquire("api:x", "gone", 3600))
     nxt = asyncio.create_task(two.leases.acquire("api:x", "next", 3600))
-    await tried(one, token + 1)  # "gone" has tried and waits; "next" queues behind it
+    await tried(one, lease.token + 1)  # "gone" has tried and waits; "next" queues behind it
     gone.cancel()
     with pytest.raises(asyncio.CancelledError):
         await gone
-    await tried(one, token + 2)  # now "next" has tried too
-    await one.leases.release("api:x", token)
+    await tried(one, lease.token + 2)  # now "next" has tried too
+    await one.leases.release("api:x", lease.token)
     second = await asyncio.wait_for(nxt, 30)
-    assert await one.leases.holder("api:x") == ("next", second)
+    assert await one.leases.holder("api:x") == ("next", second.token)
 
 
 async def test_lease_storage_errors_are_storage_errors(open_storage: Opener) -> None:
@@ -213,3 +223,69 @@ async def test_lease_storage_errors_are_storage_errors(open_storage: Opener) -> 
     with pytest.raises(StorageError, match="session lease"):
         await storage.leases.acquire("api:z", "me", 30)
     await storage.leases.close()
+
+
+# --------------------------------------------------------------------------- the history cache
+
+
+def _exchange(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]
+
+
+async def _turn(store: SessionStore, key: str, text: str) -> list[str]:
+    """One turn as the agent runs it: under the lease, read the history, then save the turn."""
+    async with store.lock(key):
+        history = await store.history(key)
+        await store.append_turn(key, _exchange(text))
+    return [m["content"] for m in history]
+
+
+async def test_a_cached_history_sees_another_process_turn(open_storage: Opener) -> None:
+    """A session one process has in memory still shows the turn another process added since: the
+    cache is only trusted at the version the session had when its lease was taken."""
+    one, two = await open_storage(), await open_storage()
+    a, b = SessionStore(one.sessions, one.leases), SessionStore(two.sessions, two.leases)
+    assert await _turn(a, "api:v", "q1") == []
+    assert await _turn(a, "api:v", "q2") == ["q1", "ok"]  # (now in a's memory)
+    assert await _turn(b, "api:v", "q3") == ["q1", "ok", "q2", "ok"]
+    assert await _turn(a, "api:v", "q4") == ["q1", "ok", "q2", "ok", "q3", "ok"]
+    assert await b.delete("api:v")
+    assert await _turn(a, "api:v", "fresh") == []  # (deleted elsewhere: not served from memory)
+    assert await _turn(b, "api:v", "again") == ["fresh", "ok"]
+
+
+async def test_an_unchanged_session_is_served_from_memory(open_storage: Opener) -> None:
+    """When no other process wrote the session since, its next turn reads nothing from the
+    database: a row edited behind the store's back (no new turn, so the same version) is not
+    read again."""
+    storage = await open_storage()
+    store = SessionStore(storage.sessions, storage.leases)
+    await _turn(store, "api:m", "q1")
+    await storage.pool.execute("UPDATE turns SET data = $1", orjson.dumps(_exchange("edited")))
+    assert await _turn(store, "api:m", "q2") == ["q1", "ok"]
+    assert await storage.leases.holder("api:m") is None  # (the turn's write gave the lease back)
+    fresh = SessionStore(storage.sessions, storage.leases)  # (another process: nothing in memory)
+    assert await _turn(fresh, "api:m", "q3") == ["edited", "ok", "q2", "ok"]
+
+
+async def test_a_turn_costs_two_statements(pg_server: PgServer, pg_url: str, open_storage: Opener) -> None:
+    """A turn on a session costs two statements on PostgreSQL (it was four): taking the lease,
+    which also reads the session's version, and writing the turn, which also gives the lease
+    back; the history comes from memory. Counted in the server's own statement log."""
+    admin = await asyncpg.connect(pg_url)
+    try:  # (before the store connects: the setting applies to new connections)
+        await admin.execute(f"ALTER DATABASE \"{pg_url.rsplit('/', 1)[1]}\" SET log_statement = 'all'")
+    finally:
+        await admin.close()
+    storage = await open_storage()
+    store = SessionStore(storage.sessions, storage.leases)
+    key = "api:counted-7f3a"
+
+    def statements() -> int:  # (each execution logs its parameters, the session key among them)
+        return sum(f"'{key}'" in line for line in pg_server.log.read_text(errors="replace").splitlines())
+
+    await _turn(store, key, "q1")  # (the first turn also prepares the statements on its connection)
+    before = statements()
+    await _turn(store, key, "q2")
+    await _turn(store, key, "q3")
+    assert statements() - before == 4

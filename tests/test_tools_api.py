@@ -19,7 +19,7 @@ from nanobot.bus import ImageInput, InboundMessage, MessageBus, OutboundKind, Ou
 from nanobot.config import AgentDefaults, ProviderConfig, parse_config
 from nanobot.providers.base import ToolCall
 from nanobot.providers.openai_compat import OpenAICompatProvider
-from nanobot.sessions import SessionStore
+from nanobot.storage.sessions import SessionStore
 from nanobot.tools import Tool, ToolContext, ToolRegistry, ToolResult
 from nanobot.tools_config import ToolsConfig
 from tool_calls import call_on

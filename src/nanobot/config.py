@@ -155,6 +155,8 @@ class StorageConfig:
     pool_size: int = 10  # PostgreSQL connections per process
     connect_timeout: float = 10.0  # seconds to reach PostgreSQL at start before giving up
     lease_seconds: float = 30.0  # a crashed process blocks its sessions at most this long
+    # PostgreSQL is checked this often (on its own connection): /health/ready follows it.
+    probe_seconds: float = 2.0
 
     @property
     def is_postgres(self) -> bool:
@@ -341,6 +343,7 @@ def _check_storage(storage: StorageConfig) -> None:
         ("poolSize", storage.pool_size),
         ("connectTimeout", storage.connect_timeout),
         ("leaseSeconds", storage.lease_seconds),
+        ("probeSeconds", storage.probe_seconds),
     ):
         if bound <= 0:
             raise ConfigError(f"storage.{key}: must be greater than 0")

@@ -6,7 +6,7 @@ error bodies in one middleware; the CLI maps them to one line and an exit code.
 
     NanobotError                    base; ``status``, ``type``, ``code``, ``param``
     ├── ConfigError                 a bad config file or value (CLI exit 2)
-    ├── StorageError                the workspace or a database in it is unusable (CLI exit 2)
+    ├── StorageError                a database is unusable: at start (CLI exit 2), mid-request (503)
     │   └── LeaseLostError          a turn's session lease passed to another holder (503, retry)
     ├── RequestError                the client's request is malformed (400)
     │   ├── AuthenticationError     missing or wrong API key (401)
@@ -67,10 +67,15 @@ class ConfigError(NanobotError):
 
 
 class StorageError(NanobotError):
-    """The workspace, or a database in it, cannot be opened, locked, read or written."""
+    """The workspace, or a database in it, cannot be opened, locked, read or written.
 
-    status = 500
+    At start-up it ends the process (one line, exit 2); during a request it is a 503 with
+    ``Retry-After``: the server is alive, its storage is not (``/health/ready`` says so too).
+    """
+
+    status = 503
     code = "storage_error"
+    retry_after = 1.0
 
 
 class LeaseLostError(StorageError):

@@ -45,6 +45,11 @@ class StorageHealth:
         self.errors += 1
         self.failing = True
 
+    def probed(self, reachable: bool) -> None:
+        """A periodic check of a database server: unavailable while it cannot be reached, and
+        available again as soon as it can (not counted as a failed transaction)."""
+        self.failing = not reachable
+
     def state(self) -> str:
         """``starting``, ``failing`` or ``ok``."""
         if not self.is_open:

@@ -65,7 +65,7 @@ def build_app(config: Config) -> web.Application:
     async def runtime(_app: web.Application) -> AsyncIterator[None]:
         defaults = config.agents.defaults
         _name, provider_config = config.provider()
-        storage = await open_storage(config, readiness.store("sessions"), readiness.store("outbox"))
+        storage = await open_storage(config, readiness)
         sessions = storage.sessions
         manager.use_outbox(storage.outbox, storage.ownership)
         app[SESSION_STORE].store = sessions  # the /v1/sessions routes
@@ -97,7 +97,7 @@ def build_app(config: Config) -> web.Application:
             await manager.stop()
             await provider.close()
             app[SESSION_STORE].store = None
-            await sessions.close()
+            await storage.close()
             await shutdown_extractors()
 
     app.cleanup_ctx.append(workspace)

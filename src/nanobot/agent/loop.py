@@ -29,7 +29,7 @@ from nanobot.metrics import Metrics
 from nanobot.providers.base import LLMResponse
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.providers.sse import DeltaCallback
-from nanobot.sessions import ChatMessage, SessionStore, message_size
+from nanobot.storage.sessions import ChatMessage, SessionStore, message_size
 from nanobot.tools import ToolContext, ToolRegistry, ToolResult
 
 log = logging.getLogger(__name__)

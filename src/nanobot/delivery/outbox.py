@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -33,13 +31,13 @@ import orjson
 
 from nanobot.errors import StorageError
 from nanobot.health import StorageHealth
+from nanobot.storage.sqlite.writer import SqliteWriter, WriterOptions
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DELIVERED_KEEP_SECONDS = 7 * 86400.0  # delivered rows are pruned at start after a week
-_MAX_BATCH = 512  # jobs per transaction: bounds how long one commit keeps the others waiting
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -250,55 +248,33 @@ class Outbox(Protocol):
 
 # --------------------------------------------------------------------------- the SQLite store
 
-_Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
-
 
 class OutboxStore:
-    """The SQLite :class:`Outbox`: every call runs on one writer thread, batched into transactions."""
+    """The SQLite :class:`Outbox`: every call runs on the shared writer thread
+    (:mod:`nanobot.storage.sqlite.writer`), batched into transactions."""
 
     def __init__(self, path: Path, health: StorageHealth | None = None) -> None:
         self.path = path
-        self._health = health or StorageHealth("outbox")  # flipped by the writer thread, for /health/ready
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # BEGIN IMMEDIATE: `nanobot outbox retry|drop` write this file from another process.
+        options = WriterOptions(name="nanobot-outbox", what=f"the outbox {path}", immediate=True)
+        self._writer = SqliteWriter(lambda: connect(path), options, health or StorageHealth("outbox"))
 
     async def open(self) -> None:
         """Open the database (on the writer thread) and start taking jobs."""
-        if self._thread is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        try:
-            conn = await asyncio.to_thread(connect, self.path)
-        except OSError as exc:
-            raise StorageError(f"cannot open the outbox {self.path}: {exc.strerror or exc}") from None
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open the outbox {self.path}: {exc}") from None
-        self._thread = threading.Thread(target=self._work, args=(conn,), name="nanobot-outbox", daemon=True)
-        self._thread.start()
-        self._health.opened()
+        await self._writer.open()
 
     @property
     def is_open(self) -> bool:
         """True between ``open`` and ``close``."""
-        return self._thread is not None
+        return self._writer.is_open
 
     async def close(self) -> None:
         """Finish every queued job, then close the database; safe to call twice."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._jobs.put(None)
-        await asyncio.to_thread(thread.join)
-        self._health.closed()
+        await self._writer.close()
 
     def submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Queue ``job`` for the writer thread; the future resolves once its transaction commits."""
-        if self._thread is None or self._loop is None:
-            raise RuntimeError("the outbox is not open")
-        fut: asyncio.Future[T] = self._loop.create_future()
-        self._jobs.put((job, fut))
-        return fut
+        return self._writer.submit(job)
 
     async def add(self, messages: list[NewMessage]) -> list[OutboxEntry]:
         """Store new messages; returns once they are committed."""
@@ -315,74 +291,12 @@ class OutboxStore:
         """See :func:`recover` (a damaged file fails here, at start: named, as a StorageError)."""
         try:
             return await self.submit(lambda conn: recover(conn, enabled, held_max_age, time.time()))
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot read the outbox {self.path}: {exc}") from None
+        except StorageError as exc:  # ("the outbox PATH: cause", from the writer)
+            raise StorageError(f"cannot read {exc}") from None
 
     async def counts(self) -> dict[str, int]:
         """See :func:`count_waiting` (on the writer thread, like every other read)."""
         return await self.submit(count_waiting)
-
-    def _work(self, conn: sqlite3.Connection) -> None:
-        try:
-            while True:
-                first = self._jobs.get()
-                if first is None:
-                    return
-                batch = [first]
-                stop = False
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        job = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job is None:
-                        stop = True
-                        break
-                    batch.append(job)
-                self._run_batch(conn, batch)
-                if stop:
-                    return
-        finally:
-            conn.close()
-
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        """Run ``batch`` in one transaction, each job in a savepoint so one failure spares the rest."""
-        results: list[tuple[bool, Any]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for job, _ in batch:
-                conn.execute("SAVEPOINT job")
-                try:
-                    results.append((True, job(conn)))
-                    conn.execute("RELEASE job")
-                except Exception as exc:  # handed to the job's awaiter, never dropped
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    results.append((False, exc))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            results = [(False, exc)] * len(batch)
-        if any(not ok and isinstance(value, sqlite3.Error) for ok, value in results):
-            self._health.failed()
-        else:
-            self._health.succeeded()
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(_settle, [fut for _, fut in batch], results)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            log.warning("outbox: event loop closed before %d results were delivered", len(batch))
-
-
-def _settle(futures: list[asyncio.Future[Any]], results: list[tuple[bool, Any]]) -> None:
-    for fut, (ok, value) in zip(futures, results, strict=True):
-        if fut.done():
-            continue
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:

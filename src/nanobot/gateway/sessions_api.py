@@ -14,8 +14,8 @@ from aiohttp import web
 
 from nanobot.errors import NotFoundError, PayloadTooLargeError, RequestError, ServiceUnavailableError
 from nanobot.gateway.requests import check_session_id
-from nanobot.session_table import SessionInfo
-from nanobot.sessions import SessionStore
+from nanobot.storage.base import SessionInfo
+from nanobot.storage.sessions import SessionStore
 
 PREFIX = "api:"
 MAX_MESSAGES = 1000  # messages returned by GET /v1/sessions/{id}: the newest whole turns

@@ -1,37 +1,58 @@
 """Storage: sessions, turn leases, the outbox and inbound update ids, on SQLite or PostgreSQL.
 
-Today the embedded SQLite implementations still live in :mod:`nanobot.sessions` and
-:mod:`nanobot.delivery.outbox`; :mod:`nanobot.storage.postgres` implements the same contracts on a
-PostgreSQL shared by any number of processes (``storage.url = postgresql://...``). The
-restructuring of issue 9 moves the Protocols and the SQLite side in here, next to it.
+Callers use the contracts in :mod:`nanobot.storage.base` and the :class:`Storage` bundle that
+:func:`open_storage` returns for ``storage.url``: the embedded SQLite files under the workspace
+(:mod:`nanobot.storage.sqlite`, one process) or a PostgreSQL database shared by any number of
+processes (:mod:`nanobot.storage.postgres`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nanobot.config import Config
-from nanobot.delivery.outbox import Outbox, OutboxStore
 from nanobot.delivery.ownership import LaneOwnership, OneProcess
-from nanobot.health import StorageHealth
-from nanobot.sessions import SessionStore
+from nanobot.health import Readiness
+from nanobot.storage.sessions import SessionStore
+
+if TYPE_CHECKING:  # (the outbox module imports the SQLite writer from this package)
+    from nanobot.delivery.outbox import Outbox
+
+
+async def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
 class Storage:
-    """What ``storage.url`` opened: the sessions, and the outbox with its lanes' ownership."""
+    """Everything this process stores, opened together and closed together.
+
+    ``outbox`` is opened and closed by its user (the delivery manager, which must stop its
+    lanes first); ``ownership`` says which chat lanes this process delivers.
+    """
 
     sessions: SessionStore
     outbox: Outbox
-    ownership: LaneOwnership
+    ownership: LaneOwnership = field(default_factory=OneProcess)
+    # What the stores share, closed after them (the PostgreSQL pool; nothing for SQLite files).
+    engine_close: Callable[[], Awaitable[None]] = _nothing
+
+    async def close(self) -> None:
+        """Finish the writes under way and close every store, then the engine."""
+        try:
+            await self.sessions.close()
+        finally:
+            await self.engine_close()
 
 
-async def open_storage(
-    config: Config, health: StorageHealth | None = None, outbox_health: StorageHealth | None = None
-) -> Storage:
+async def open_storage(config: Config, health: Readiness) -> Storage:
     """The stores ``storage.url`` names: the workspace's SQLite files (absent or ``"sqlite"``),
-    or the shared PostgreSQL database (migrated at start). ``health`` and ``outbox_health`` are
-    the readiness slots (``/health/ready``). The SQLite outbox is opened by its user."""
+    or the shared PostgreSQL database (migrated at start). Each store flips its slot in
+    ``health`` (``/health/ready``)."""
+    from nanobot.delivery.outbox import OutboxStore
+
     defaults = config.agents.defaults
     if not config.storage.is_postgres:
         sessions = await SessionStore.open(
@@ -39,19 +60,19 @@ async def open_storage(
             max_messages=defaults.max_history_messages,
             max_chars=defaults.max_history_chars,
             cache_bytes=defaults.session_cache_bytes,
-            health=health,
+            health=health.store("sessions"),
         )
-        outbox = OutboxStore(defaults.workspace_path / "outbox.db", outbox_health)
-        return Storage(sessions, outbox, OneProcess())
+        return Storage(sessions, OutboxStore(defaults.workspace_path / "outbox.db", health.store("outbox")))
     # Imported here: asyncpg is only loaded by deployments that use it.
-    from nanobot.storage.postgres import PgOutbox, PgSessionStore, PgStorage
+    from nanobot.storage.postgres import PgOutbox, PgStorage
 
-    storage = await PgStorage.open(config.storage, health)
-    sessions = PgSessionStore(
-        storage,
-        lease_seconds=config.storage.lease_seconds,
+    pg = await PgStorage.open(config.storage, health.store("sessions"))
+    shared = SessionStore(
+        pg.sessions,
+        pg.leases,
         max_messages=defaults.max_history_messages,
         max_chars=defaults.max_history_chars,
+        cache_bytes=defaults.session_cache_bytes,
     )
-    shared = PgOutbox(storage.pool, config.storage, outbox_health)
-    return Storage(sessions, shared, shared)
+    outbox = PgOutbox(pg.pool, config.storage, health.store("outbox"))
+    return Storage(shared, outbox, outbox, pg.close)

@@ -6,6 +6,11 @@ tokens only grow: a holder that stalled past its lease holds a token that no lon
 and :meth:`PgSessionBackend.append` refuses its write (fencing). Expiry is judged by the
 server's clock, so the machines' clocks do not matter.
 
+:meth:`PgTurnLeases.hold` is the :class:`~nanobot.storage.base.TurnLeases` seam the session
+store uses: it takes the lease (one round trip, which also reads the session's version), renews
+it while the turn runs, and gives it back on leaving unless the turn's write already did (the
+write and the release are one statement: see :mod:`.sessions`).
+
 Waiting is FIFO within a process (a local lock per session: only the oldest local waiter
 contends in PostgreSQL) and first-come across processes. Waiters sleep until a release is
 announced with ``NOTIFY`` (one listening connection per process) or the current lease expires
@@ -18,32 +23,25 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
 
 import asyncpg
 
 from nanobot.config import StorageConfig
 from nanobot.errors import StorageError
+from nanobot.storage.base import Lease
 from nanobot.storage.postgres.connect import DRIVER_ERRORS, reason, storage_errors
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "nanobot_turn_lease"
 
-# Take the lease if it is free or expired; else say how long the current one has left.
-# (The snapshot may miss a lease committed a moment ago: then ``remaining`` is NULL: try again.)
-_ACQUIRE = """
-WITH taken AS (
-    INSERT INTO turn_leases AS l (session, holder, token, expires_at)
-    VALUES ($1, $2, nextval('turn_lease_tokens'), clock_timestamp() + make_interval(secs => $3))
-    ON CONFLICT (session) DO UPDATE
-        SET holder = EXCLUDED.holder, token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
-        WHERE l.expires_at <= clock_timestamp()
-    RETURNING token
-)
-SELECT (SELECT token FROM taken) AS token,
-       (SELECT EXTRACT(EPOCH FROM expires_at - clock_timestamp())::float8
-          FROM turn_leases WHERE session = $1) AS remaining
-"""
+# Take the lease if it is free or expired (with the session's version); else say how long the
+# current one has left (NULL when it was released meanwhile: try again). See migrations._V2_storage.
+_ACQUIRE = "SELECT token, remaining, version FROM nanobot_take_turn_lease($1, $2, $3)"
 _RENEW = """
 UPDATE turn_leases SET expires_at = clock_timestamp() + make_interval(secs => $3)
 WHERE session = $1 AND token = $2
@@ -52,7 +50,11 @@ _RELEASE = f"""
 WITH gone AS (DELETE FROM turn_leases WHERE session = $1 AND token = $2 RETURNING session)
 SELECT pg_notify('{CHANNEL}', md5(session)) FROM gone
 """
-_RACE_RETRY = 0.01  # seconds before trying again after the snapshot race above (rare)
+_RACE_RETRY = 0.01  # seconds before trying again after the race above (rare)
+
+# The lease the current turn holds: set by ``hold`` in the turn's own task, so a turn that
+# outlived its lease can never borrow the token of the turn that took over.
+_held: ContextVar[Lease | None] = ContextVar("nanobot_session_lease", default=None)
 
 
 def _digest(key: str) -> str:
@@ -66,6 +68,8 @@ class PgTurnLeases:
     def __init__(self, pool: asyncpg.Pool, config: StorageConfig) -> None:
         self._pool = pool
         self._url = config.url
+        self._ttl = config.lease_seconds
+        self._name = f"{socket.gethostname()}:{os.getpid()}"  # the holder, for diagnostics
         self._connect_timeout = config.connect_timeout
         self._listener: asyncpg.Connection | None = None
         self._listening = asyncio.Lock()
@@ -74,8 +78,56 @@ class PgTurnLeases:
         self._queued: dict[str, int] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
 
-    async def acquire(self, key: str, holder: str, ttl: float) -> int:
-        """Wait for ``key``'s lease and take it for ``ttl`` seconds; its fencing token.
+    @property
+    def shared(self) -> bool:
+        """Always: every process on the database writes the same sessions."""
+        return True
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """Hold ``key``'s lease for the block: turns on one session never interleave, in any
+        process. Renewed while held; given back on leaving (unless the turn's write did)."""
+        lease = await self.acquire(key, self._name, self._ttl)
+        held = _held.set(lease)
+        renewing = asyncio.create_task(self._renew(lease), name="nanobot-lease-renew")
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            _held.reset(held)
+            if not lease.released:
+                # Shielded: a cancelled turn still frees its session at once rather than at expiry.
+                release = asyncio.ensure_future(self.release(key, lease.token))
+                try:
+                    await asyncio.shield(release)
+                except StorageError as exc:
+                    log.warning("session lease not released (it expires on its own): %s", exc)
+
+    def current(self, key: str) -> Lease | None:
+        """The lease this task's turn holds on ``key``, if any."""
+        lease = _held.get()
+        return lease if lease is not None and lease.key == key else None
+
+    async def _renew(self, lease: Lease) -> None:
+        """Keep the lease while the turn runs; once lost, the turn's write will be refused."""
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            if lease.released:
+                return
+            try:
+                held = await self.renew(lease.key, lease.token, self._ttl)
+            except StorageError as exc:
+                log.warning("session lease not renewed: %s", exc)
+                continue
+            if not held and not lease.released:
+                log.warning(
+                    "session %r: lease lost to another holder; this turn will not be saved", lease.key
+                )
+                return
+
+    async def acquire(self, key: str, holder: str, ttl: float) -> Lease:
+        """Wait for ``key``'s lease and take it for ``ttl`` seconds; its fencing token, and the
+        session's version when taken.
 
         ``holder`` names the taker (process and turn) for diagnostics. Cancelling the wait
         leaves no lease behind.
@@ -94,16 +146,16 @@ class PgTurnLeases:
             else:
                 del self._queued[key], self._local[key]
 
-    async def _contend(self, key: str, holder: str, ttl: float) -> int:
+    async def _contend(self, key: str, holder: str, ttl: float) -> Lease:
         digest = _digest(key)
         while True:
             await self._listen()
             woken = asyncio.Event()  # registered before trying, so a release in between is seen
             self._wakeups.setdefault(digest, set()).add(woken)
             try:
-                token, remaining = await self._try(key, holder, ttl)
+                token, remaining, version = await self._try(key, holder, ttl)
                 if token is not None:
-                    return token
+                    return Lease(key, token, version)
                 wait = _RACE_RETRY if remaining is None else max(remaining, 0.0) + 0.001
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
@@ -114,7 +166,7 @@ class PgTurnLeases:
                 if not waiting:
                     del self._wakeups[digest]
 
-    async def _try(self, key: str, holder: str, ttl: float) -> tuple[int | None, float | None]:
+    async def _try(self, key: str, holder: str, ttl: float) -> tuple[int | None, float | None, int | None]:
         """One attempt; shielded, so a cancelled caller cannot leave a lease nobody knows of."""
         attempt = asyncio.ensure_future(self._pool.fetchrow(_ACQUIRE, key, holder, ttl))
         try:
@@ -126,7 +178,7 @@ class PgTurnLeases:
             cleanup.add_done_callback(self._cleanups.discard)
             raise
         assert row is not None  # (the statement always returns one row)
-        return row["token"], row["remaining"]
+        return row["token"], row["remaining"], row["version"]
 
     async def _undo(self, key: str, attempt: asyncio.Future[asyncpg.Record | None]) -> None:
         try:

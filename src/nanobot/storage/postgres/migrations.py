@@ -83,6 +83,33 @@ _V1 = (
     "CREATE INDEX inbound_updates_age ON inbound_updates (seen_at)",
 )
 
+# Taking a session's turn lease also reads the session's version (its newest turn id), in one
+# round trip. A function, because a statement reads from one snapshot: taken before a holder's
+# last write committed (the INSERT below waits for that holder's row), it would miss that turn.
+# Each statement of a PL/pgSQL function sees what committed before it started.
+_V2_storage = (
+    """CREATE OR REPLACE FUNCTION nanobot_take_turn_lease(
+        p_session TEXT, p_holder TEXT, p_ttl DOUBLE PRECISION,
+        OUT token BIGINT, OUT remaining DOUBLE PRECISION, OUT version BIGINT
+    ) LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO turn_leases AS l (session, holder, token, expires_at)
+        VALUES (p_session, p_holder, nextval('turn_lease_tokens'),
+                clock_timestamp() + make_interval(secs => p_ttl))
+        ON CONFLICT (session) DO UPDATE
+            SET holder = EXCLUDED.holder, token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
+            WHERE l.expires_at <= clock_timestamp()
+        RETURNING l.token INTO token;
+        IF token IS NULL THEN
+            SELECT EXTRACT(EPOCH FROM l.expires_at - clock_timestamp())::float8 INTO remaining
+            FROM turn_leases AS l WHERE l.session = p_session;
+        ELSE
+            SELECT max(t.id) INTO version FROM turns AS t WHERE t.session = p_session;
+        END IF;
+    END
+    $$""",
+)
+
 # The outbox across processes: lane tokens only grow (fencing: a process that lost its lane cannot
 # record deliveries in it), and a platform's Retry-After held for every process (per channel and
 # bucket; "*" is the whole channel), as the server's time it ends.
@@ -96,7 +123,7 @@ _V2_outbox = (
     )""",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_outbox)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_storage, _V2_outbox)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # pg_advisory_lock key of the migrations: the bytes of "nanobot" read as one number.

@@ -1,48 +1,56 @@
-"""The session contract of :mod:`nanobot.sessions` (``SessionBackend``) on PostgreSQL.
+"""The session contract (:class:`~nanobot.storage.base.SessionBackend`) on PostgreSQL.
 
 Same rows as the SQLite side: ``turns`` (one row per turn, its messages as orjson bytes) and
 ``sessions`` (key, title, created, updated, turns, preview), kept in step by one statement per
-turn. :meth:`PgSessionBackend.append` takes an optional fencing token: with one, the turn is
-written only while that token still holds the session's lease (see :mod:`.leases`), checked in
-the same statement, so a holder that stalled past its lease cannot write over a newer turn.
+turn. :meth:`PgSessionBackend.append` takes the turn's lease: the turn is written only while
+that lease's token still holds the session (see :mod:`.leases`), checked in the same statement,
+so a holder that stalled past its lease cannot write over a newer turn; and the same statement
+gives the lease back (a turn's write is its last step under the lease): one round trip for both.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
 
 import asyncpg
 import orjson
 
-from nanobot import session_table
 from nanobot.config import StorageConfig
 from nanobot.errors import LeaseLostError, StorageError
 from nanobot.health import StorageHealth
-from nanobot.session_table import SessionInfo
+from nanobot.storage.base import ChatMessage, Lease, SessionInfo, damaged_data
 from nanobot.storage.postgres.connect import storage_errors
-
-ChatMessage = dict[str, Any]  # (as in nanobot.sessions: one OpenAI chat message)
+from nanobot.storage.postgres.leases import CHANNEL
+from nanobot.storage.sqlite import session_table
 
 _COLUMNS = "key, title, created, updated, turns, preview"
 
-# One round trip per turn: the fence (a share lock on the lease row, so the lease cannot change
-# hands before this commits), the turn, and its session row (created, or moved forward).
-_APPEND = """
+# One round trip per turn: the fence (the lease row locked, so the lease cannot change hands
+# before this commits), the turn, its session row (created, or moved forward) and, with $6, the
+# lease given back with its waiters woken (NOTIFY is sent at commit). The new turn's id is the
+# session's version; NULL when the fence refused the write.
+_APPEND = f"""
 WITH fence AS (
-    SELECT 1 FROM turn_leases WHERE session = $1 AND token = $5 FOR SHARE
+    SELECT 1 FROM turn_leases WHERE session = $1 AND token = $5 FOR UPDATE
 ), turn AS (
     INSERT INTO turns (session, data)
     SELECT $1, $2 WHERE $5::bigint IS NULL OR EXISTS (SELECT 1 FROM fence)
+    RETURNING id, session
+), moved AS (
+    INSERT INTO sessions AS s (key, title, created, updated, turns, preview)
+    SELECT session, $3, t.now, t.now, 1, $4
+    FROM turn, (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now) AS t
+    ON CONFLICT (key) DO UPDATE
+        SET updated = EXCLUDED.updated, turns = s.turns + 1, preview = EXCLUDED.preview
+    RETURNING 1
+), gone AS (
+    DELETE FROM turn_leases
+    WHERE $6::boolean AND session = $1 AND token = $5 AND EXISTS (SELECT 1 FROM turn)
     RETURNING session
 )
-INSERT INTO sessions AS s (key, title, created, updated, turns, preview)
-SELECT session, $3, t.now, t.now, 1, $4
-FROM turn, (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now) AS t
-ON CONFLICT (key) DO UPDATE
-    SET updated = EXCLUDED.updated, turns = s.turns + 1, preview = EXCLUDED.preview
-RETURNING 1
+SELECT (SELECT id FROM turn) AS version,
+       (SELECT count(pg_notify('{CHANNEL}', md5(session))) FROM gone) AS woken
 """
 
 
@@ -58,7 +66,7 @@ class PgSessionBackend:
         self._pool = pool
         self._url = config.url
         self._health = health  # flipped by each turn's write, for /health/ready
-        self._writes: set[asyncio.Future[object]] = set()
+        self._writes: set[asyncio.Future[int | None]] = set()
 
     async def keys(self) -> set[str]:
         """Every session key that has history."""
@@ -71,38 +79,48 @@ class PgSessionBackend:
         sql = "SELECT data FROM turns WHERE session = $1 ORDER BY id DESC LIMIT $2"
         with storage_errors("cannot read a session", self._url):
             rows = await self._pool.fetch(sql, key, limit)
-        return [m for r in reversed(rows) for m in orjson.loads(r[0])]
+        with damaged_data():
+            return [m for r in reversed(rows) for m in orjson.loads(r[0])]
 
     def append(
-        self, key: str, messages: Sequence[ChatMessage], token: int | None = None
-    ) -> asyncio.Future[object]:
-        """Add one turn's messages to ``key``; the future resolves once committed.
+        self, key: str, messages: Sequence[ChatMessage], lease: Lease | None = None, *, release: bool = True
+    ) -> asyncio.Future[int | None]:
+        """Add one turn's messages to ``key``; the future resolves, once committed, to the
+        session's new version.
 
-        With ``token``, only while it holds the session's lease: else the future fails with
-        :class:`LeaseLostError` and nothing is written. Serialises at once (a message that is
-        not JSON raises here, before anything is under way).
+        With ``lease``, only while it holds the session: else the future fails with
+        :class:`LeaseLostError` and nothing is written; and (``release``) the lease is given back
+        by the same statement. Serialises at once (a message that is not JSON raises here,
+        before anything is under way).
         """
         data = orjson.dumps(messages)
         title, preview = session_table.summarize(messages)
-        write = asyncio.ensure_future(self._append(key, data, _no_nul(title), _no_nul(preview), token))
+        token = None if lease is None else lease.token
+        write = asyncio.ensure_future(
+            self._append(key, data, _no_nul(title), _no_nul(preview), token, release and token is not None)
+        )
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
         return write
 
-    async def _append(self, key: str, data: bytes, title: str, preview: str, token: int | None) -> object:
+    async def _append(
+        self, key: str, data: bytes, title: str, preview: str, token: int | None, release: bool
+    ) -> int | None:
         try:
             with storage_errors("cannot save the conversation", self._url):
-                written = await self._pool.fetchval(_APPEND, key, data, title, preview, token)
+                row = await self._pool.fetchrow(_APPEND, key, data, title, preview, token, release)
         except StorageError:
             self._health.failed()
             raise
         self._health.succeeded()
+        assert row is not None  # (the statement always returns one row)
+        written: int | None = row["version"]
         if written is None:
             raise LeaseLostError(
                 f"the turn on session {key!r} was not saved: it ran past its lease and another "
                 "turn took the session; send it again"
             )
-        return None
+        return written
 
     async def page(self, prefix: str, limit: int, after: str | None) -> tuple[list[SessionInfo], bool] | None:
         """See ``SessionBackend.page``: newest first, after the session ``after``."""
@@ -125,7 +143,7 @@ class PgSessionBackend:
         self, key: str, max_messages: int, max_bytes: int
     ) -> tuple[SessionInfo, list[ChatMessage], bool] | None:
         """See ``SessionBackend.read``: the row and the newest whole turns, from one snapshot."""
-        with storage_errors("cannot read a session", self._url):
+        with storage_errors("cannot read a session", self._url), damaged_data():
             async with (
                 self._pool.acquire() as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),

@@ -1,72 +1,30 @@
-"""Conversation history per session key, and the per-session turn locks.
+"""Conversation history per session key, under the session's turn lease.
 
-History lives in memory (a bounded LRU of recent sessions) backed by an embedded
-SQLite file under the workspace. Reads come from memory; a session not in memory is
-loaded once (only if it is known to exist on disk). Writes go to one database thread
-that commits whatever has queued up in one transaction (group commit), so a turn costs
-no thread hop of its own and the event loop never touches the disk. Session keys are
-only ever SQL parameters: no path is built from user input.
+History lives in memory (a bounded LRU of recent sessions) backed by a
+:class:`~nanobot.storage.base.SessionBackend`; turns on one session are serialised by
+:class:`~nanobot.storage.base.TurnLeases`. On the embedded SQLite file (one process) reads
+come from memory; a session not in memory is loaded once (only if it is known to exist on
+disk). On shared storage another process may add a turn at any time, so the memory copy is
+used only while holding the session's lease and only when the session's version (taken with
+the lease) is the one it was cached at. Session keys are only ever SQL parameters: no path is
+built from user input.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections import OrderedDict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
 
 from nanobot.errors import NanobotError, StorageError
 from nanobot.health import StorageHealth
-from nanobot.keylock import KeyedLocks
-from nanobot.session_db import SqliteBackend
-from nanobot.session_table import SessionInfo
+from nanobot.storage.base import ChatMessage, SessionBackend, SessionInfo, TurnLeases
+from nanobot.storage.sqlite.leases import LocalTurnLeases
+from nanobot.storage.sqlite.sessions import SqliteBackend
 
-ChatMessage = dict[str, Any]  # one message in OpenAI chat format (JSON-shaped by nature)
-
-class SessionBackend(Protocol):
-    """Where history is kept; SQLite here, a shared engine when one machine is outgrown."""
-
-    async def keys(self) -> set[str]:
-        """Every session key that has history."""
-        ...
-
-    async def load(self, key: str, limit: int) -> list[ChatMessage]:
-        """At least the last ``limit`` messages of a session (whole turns), oldest first."""
-        ...
-
-    def append(self, key: str, messages: Sequence[ChatMessage]) -> Awaitable[object]:
-        """Durably add one turn's messages to a session; the awaitable resolves once committed.
-
-        Already under way when returned (a future, not a coroutine), so shielding it costs
-        no extra task.
-        """
-        ...
-
-    async def close(self) -> None:
-        """Flush and release the storage."""
-        ...
-
-    async def page(self, prefix: str, limit: int, after: str | None) -> tuple[list[SessionInfo], bool] | None:
-        """Sessions whose key starts with ``prefix``, newest first, after the key ``after``;
-        whether there are more. None when ``after`` is not such a session."""
-        ...
-
-    async def read(
-        self, key: str, max_messages: int, max_bytes: int
-    ) -> tuple[SessionInfo, list[ChatMessage], bool] | None:
-        """A session's row and its newest whole turns (bounded); whether older ones were left out."""
-        ...
-
-    async def rename(self, key: str, title: str) -> SessionInfo | None:
-        """Set an existing session's title; None when there is no such session."""
-        ...
-
-    async def delete(self, key: str) -> bool:
-        """Remove a session and its history; whether it existed."""
-        ...
+__all__ = ["ChatMessage", "SessionStore", "message_size", "trim_history"]
 
 
 def message_size(message: ChatMessage) -> int:
@@ -103,7 +61,8 @@ def _cost(messages: Sequence[ChatMessage]) -> int:
 
 
 class SessionStore:
-    """History per session key, cached in memory, persisted through a :class:`SessionBackend`.
+    """History per session key, cached in memory, persisted through a :class:`SessionBackend`,
+    one turn at a time per session through :class:`TurnLeases`.
 
     The cache is bounded by size (``cache_bytes``, roughly the text it holds) and by count:
     least recently used sessions are dropped first and reloaded from disk when next needed;
@@ -113,6 +72,7 @@ class SessionStore:
     def __init__(
         self,
         backend: SessionBackend,
+        leases: TurnLeases | None = None,
         *,
         max_messages: int = 100,
         max_chars: int = 0,
@@ -120,20 +80,25 @@ class SessionStore:
         cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._backend = backend
+        self._leases: TurnLeases = LocalTurnLeases() if leases is None else leases
+        self._hold = self._leases.hold  # (bound once: ``lock`` is on every turn's path)
+        # Other processes write these sessions: the cache is checked against each session's version.
+        self._shared = self._leases.shared
         self._max = max_messages
         self._max_chars = max_chars
         self._cache_size = cache_size
         self._cache_limit = cache_bytes
         self._cache: OrderedDict[str, list[ChatMessage]] = OrderedDict()
         self._costs: dict[str, int] = {}  # key -> its cached messages' approximate size
+        self._versions: dict[str, int | None] = {}  # (shared storage) key -> the version cached
         self._cache_bytes = 0
         self._known: set[str] = set()
-        self._locks = KeyedLocks()
 
     def lock(self, key: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """``async with store.lock(key):`` holds ``key``'s turn lock: turns on one session never
-        interleave (FIFO); nearly free when nobody waits (see :mod:`nanobot.keylock`)."""
-        return self._locks(key)
+        """``async with store.lock(key):`` holds ``key``'s turn lease: turns on one session never
+        interleave (FIFO); in one process nearly free when nobody waits (see
+        :mod:`nanobot.storage.keylock`)."""
+        return self._hold(key)
 
     @classmethod
     async def open(
@@ -147,8 +112,13 @@ class SessionStore:
     ) -> SessionStore:
         """Open (or create) the session database under ``workspace``."""
         backend = SqliteBackend(workspace / "sessions.db", health)
+        await backend.open()
         store = cls(backend, max_messages=max_messages, max_chars=max_chars, cache_bytes=cache_bytes)
-        store._known = await backend.keys()
+        try:
+            store._known = await backend.keys()
+        except BaseException:
+            await backend.close()
+            raise
         return store
 
     @property
@@ -157,11 +127,14 @@ class SessionStore:
         return self._cache_bytes
 
     async def close(self) -> None:
-        """Flush pending writes and close the backend."""
+        """Flush pending writes, stop the leases' background work, close the backend."""
         await self._backend.close()
+        await self._leases.close()
 
     async def history(self, key: str) -> list[ChatMessage]:
         """The bounded history of ``key`` (a copy the caller may extend)."""
+        if self._shared:
+            return await self._shared_history(key)
         cached = self._cache.get(key)
         if cached is None:
             if key not in self._known:  # a new session: cached by append_turn, with its first turn
@@ -179,6 +152,8 @@ class SessionStore:
         commit is shielded: a turn that reached this point is complete even if its
         client goes away. If the commit fails, the memory copy is dropped and reloaded.
         """
+        if self._shared:
+            return await self._shared_append(key, messages)
         try:  # serialised before the memory copy changes: a turn that cannot be stored leaves no trace
             committed = self._backend.append(key, messages)
         except (TypeError, ValueError) as exc:
@@ -198,16 +173,60 @@ class SessionStore:
         self._known.add(key)
         try:
             await asyncio.shield(committed)
-        except sqlite3.Error as exc:
+        except StorageError as exc:
             self._forget(key)
+            raise StorageError(f"could not save the conversation: {exc}") from exc
+
+    # -- shared storage: the cache is trusted only at the version the lease was taken at
+    async def _shared_history(self, key: str) -> list[ChatMessage]:
+        lease = self._leases.current(key)
+        cached = self._cache.get(key)
+        if lease is not None and cached is not None and self._versions.get(key) == lease.version:
+            self._cache.move_to_end(key)
+            return list(trim_history(cached, self._max, self._max_chars))
+        if lease is not None and lease.version is None:
+            stored: list[ChatMessage] = []  # no turns yet: nothing to read
+        else:
+            stored = trim_history(await self._backend.load(key, self._max), self._max)
+        if lease is not None:  # (outside a lease nothing is cached: it could not be checked)
+            self._remember(key, stored, _cost(stored), lease.version)
+        return list(trim_history(stored, self._max, self._max_chars))
+
+    async def _shared_append(self, key: str, messages: Sequence[ChatMessage]) -> None:
+        """Write the turn, fenced by (and giving back) the lease held on ``key``; then the memory
+        copy moves to the version the write made, if it was at the lease's version."""
+        lease = self._leases.current(key)
+        try:
+            committed = self._backend.append(key, messages, lease)
+        except (TypeError, ValueError) as exc:
             raise NanobotError(f"could not save the conversation: {exc}") from exc
+        try:
+            version = await asyncio.shield(committed)
+        except StorageError as exc:
+            self._forget(key)
+            if type(exc) is not StorageError:  # (LeaseLostError: its own status and words)
+                raise
+            raise StorageError(f"could not save the conversation: {exc}") from exc
+        except BaseException:
+            self._forget(key)
+            raise
+        if lease is not None:
+            lease.released = True  # (the write gave it back: leaving the block costs nothing)
+        cached = self._cache.get(key)
+        if lease is None or cached is None or self._versions.get(key) != lease.version:
+            self._forget(key)
+            return
+        cached.extend(messages)
+        if len(cached) > self._max * 2:
+            cached = trim_history(cached, self._max)
+        self._remember(key, cached, _cost(cached), version)
 
     # -- sessions over HTTP: listing, reading, renaming, deleting (off the turn path)
     async def page(self, prefix: str, limit: int, after: str | None) -> tuple[list[SessionInfo], bool] | None:
         """Sessions whose key starts with ``prefix``, newest first (see :meth:`SessionBackend.page`)."""
         try:
             return await self._backend.page(prefix, limit, after)
-        except sqlite3.Error as exc:
+        except StorageError as exc:
             raise StorageError(f"could not list the sessions: {exc}") from exc
 
     async def read(
@@ -216,18 +235,18 @@ class SessionStore:
         """The whole stored history of ``key`` (not only the model's window), bounded."""
         try:
             return await self._backend.read(key, max_messages, max_bytes)
-        except sqlite3.Error as exc:
+        except StorageError as exc:
             raise StorageError(f"could not read the conversation: {exc}") from exc
 
     async def rename(self, key: str, title: str) -> SessionInfo | None:
         """Set the title of an existing session."""
         try:
             return await self._backend.rename(key, title)
-        except sqlite3.Error as exc:
+        except StorageError as exc:
             raise StorageError(f"could not rename the conversation: {exc}") from exc
 
     async def delete(self, key: str) -> bool:
-        """Forget ``key`` on disk and in memory; waits for a running turn (the turn lock), so it
+        """Forget ``key`` on disk and in memory; waits for a running turn (the turn lease), so it
         never interleaves with one, and the next turn starts fresh."""
         async with self.lock(key):
             # Shielded, and the memory copy dropped first: a client that goes away mid-way
@@ -237,17 +256,20 @@ class SessionStore:
             self._known.discard(key)
             try:
                 return await asyncio.shield(deleting)
-            except sqlite3.Error as exc:
+            except StorageError as exc:
                 self._known.add(key)  # still on disk: the next turn reloads it
-                raise NanobotError(f"could not delete the conversation: {exc}") from exc
+                raise StorageError(f"could not delete the conversation: {exc}") from exc
 
-    def _remember(self, key: str, messages: list[ChatMessage], cost: int) -> None:
-        """Cache ``key`` as most recently used, then drop the least recently used over the bounds."""
+    def _remember(self, key: str, messages: list[ChatMessage], cost: int, version: int | None = None) -> None:
+        """Cache ``key`` (at ``version``, on shared storage) as most recently used, then drop the
+        least recently used over the bounds."""
         self._forget(key)
         if cost > self._cache_limit:
             return  # bigger than the whole cache: read from disk each time instead
         self._cache[key] = messages
         self._costs[key] = cost
+        if self._shared:
+            self._versions[key] = version
         self._cache_bytes += cost
         while self._cache_bytes > self._cache_limit or len(self._cache) > self._cache_size:
             self._forget(next(iter(self._cache)))
@@ -255,3 +277,5 @@ class SessionStore:
     def _forget(self, key: str) -> None:
         if self._cache.pop(key, None) is not None:
             self._cache_bytes -= self._costs.pop(key)
+            if self._shared:
+                self._versions.pop(key, None)

@@ -2,7 +2,7 @@
 with ``turns`` by the same group-commit job, and the versioned schema migrations.
 
 Every function here takes the database connection and runs on the sessions database thread
-(see :mod:`nanobot.sessions`); none commits on its own: the writer's batch does.
+(see :mod:`nanobot.storage.sqlite.sessions`); none commits on its own: the writer's batch does.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from nanobot.storage.base import SessionInfo
 
 SCHEMA_VERSION = 1
 TITLE_CHARS = 60
@@ -49,18 +50,6 @@ END;
 """
 INSERT_TURNS = "INSERT INTO turn_log (session, data, title, at, preview) VALUES "
 _COLUMNS = "key, title, created, updated, turns, preview"
-
-
-@dataclass(frozen=True, slots=True)
-class SessionInfo:
-    """What is known about one session without reading its history."""
-
-    key: str
-    title: str
-    created: float
-    updated: float
-    turns: int
-    preview: str
 
 
 def _cut(text: str, limit: int) -> str:

@@ -1,0 +1,128 @@
+"""The storage contracts callers use, whatever the engine: session history and turn leases.
+
+Two implementations of each: the embedded SQLite file under the workspace (one process,
+:mod:`nanobot.storage.sqlite`) and PostgreSQL shared by any number of processes
+(:mod:`nanobot.storage.postgres`). Every failure of the engine reaches callers as a
+:class:`~nanobot.errors.StorageError`, never as a driver's exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nanobot.errors import StorageError
+
+ChatMessage = dict[str, Any]  # one message in OpenAI chat format (JSON-shaped by nature)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What is known about one session without reading its history."""
+
+    key: str
+    title: str
+    created: float
+    updated: float
+    turns: int
+    preview: str
+
+
+@contextlib.contextmanager
+def damaged_data() -> Iterator[None]:
+    """A stored turn that is not JSON (damaged, or written by something else) as a StorageError."""
+    try:
+        yield
+    except ValueError as exc:
+        raise StorageError(f"damaged data in the session database ({type(exc).__name__}: {exc})") from exc
+
+
+class Lease:
+    """A session's turn lease as its holder knows it (shared storage only).
+
+    ``token`` fences the turn's write: a holder that stalled past its lease holds a token that
+    no longer matches. ``version`` is the session's newest turn id when the lease was taken (None:
+    no turns): the in-memory history is used only while it matches. ``released`` becomes True
+    once the turn's write also gave the lease back (one round trip for both).
+    """
+
+    __slots__ = ("key", "released", "token", "version")
+
+    def __init__(self, key: str, token: int, version: int | None) -> None:
+        self.key = key
+        self.token = token
+        self.version = version
+        self.released = False
+
+
+class SessionBackend(Protocol):
+    """Where history is kept: the SQLite file, or a database shared by many processes."""
+
+    async def keys(self) -> set[str]:
+        """Every session key that has history."""
+        ...
+
+    async def load(self, key: str, limit: int) -> list[ChatMessage]:
+        """At least the last ``limit`` messages of a session (whole turns), oldest first."""
+        ...
+
+    def append(
+        self, key: str, messages: Sequence[ChatMessage], lease: Lease | None = None
+    ) -> Awaitable[int | None]:
+        """Durably add one turn's messages to a session; resolves, once committed, to the
+        session's new version (None where the engine keeps none).
+
+        Already under way when returned (a future, not a coroutine), so shielding it costs
+        no extra task. With ``lease`` (shared storage) the turn is written only while that
+        lease still holds the session, and the same write gives the lease back.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Flush and release the storage."""
+        ...
+
+    async def page(self, prefix: str, limit: int, after: str | None) -> tuple[list[SessionInfo], bool] | None:
+        """Sessions whose key starts with ``prefix``, newest first, after the key ``after``;
+        whether there are more. None when ``after`` is not such a session."""
+        ...
+
+    async def read(
+        self, key: str, max_messages: int, max_bytes: int
+    ) -> tuple[SessionInfo, list[ChatMessage], bool] | None:
+        """A session's row and its newest whole turns (bounded); whether older ones were left out."""
+        ...
+
+    async def rename(self, key: str, title: str) -> SessionInfo | None:
+        """Set an existing session's title; None when there is no such session."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove a session and its history; whether it existed."""
+        ...
+
+
+class TurnLeases(Protocol):
+    """One turn per session at a time: in this process (SQLite), or across processes (PostgreSQL)."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes write the same sessions (the history cache then checks
+        each session's version under its lease)."""
+        ...
+
+    def hold(self, key: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """``async with leases.hold(key):`` holds ``key``'s turn lease for the block; turns on one
+        session run one at a time, in the order they arrived (within a process)."""
+        ...
+
+    def current(self, key: str) -> Lease | None:
+        """The lease the running turn holds on ``key`` (None outside one, or where there are no
+        tokens)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop whatever the leases run in the background."""
+        ...
