@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,11 +20,12 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from served import Served, serve
+from served import Served, free_port, serve
 
 from fake_llm import FakeLLM, Json, Step
 from fake_platforms import Failure, FakeTelegram, telegram_section
@@ -233,3 +235,16 @@ async def test_outbox_cli_acts_on_the_shared_outbox_and_wakes_the_servers(
         assert code == 0 and listing.strip() == "the outbox is empty"
         assert (await cli(config, "retry", "99999"))[0] == 1
         assert not any((tmp_path / name / "ws" / "nanobot.pid").exists() for name in "abc")
+
+
+def test_outbox_cli_with_an_unreachable_database_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """`nanobot outbox list` whose PostgreSQL cannot be reached: one line, no password, exit 2."""
+    port = free_port()  # (nothing listens there)
+    config = tmp_path / "config.json"
+    url = f"postgresql://bot:Unused-Secret-9@127.0.0.1:{port}/nanobot"
+    config.write_bytes(orjson.dumps({"storage": {"url": url, "connectTimeout": 5}}))
+    done = subprocess.run([sys.executable, "-m", "nanobot", "outbox", "list", "-c", str(config)],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert f"127.0.0.1:{port}/nanobot" in lines[0] and "Unused-Secret" not in done.stderr + done.stdout
