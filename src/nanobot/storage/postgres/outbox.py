@@ -272,6 +272,8 @@ class PgOutbox:
         """Renew our leases a few times per lease; give back lanes with nothing left to send."""
         while True:
             await asyncio.sleep(self._ttl / 3)
+            if not self._lanes:
+                continue
             try:
                 async with self._lock, self._writing("cannot renew outbox lanes"):
                     async with self._pool.acquire() as conn:
