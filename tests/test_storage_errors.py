@@ -72,6 +72,7 @@ async def test_a_postgres_write_fault_mid_turn_is_a_503_and_passes(
         status, headers, body = await post_chat(url, "s")
         assert_storage_503(status, headers, body)
         assert "refuse_all" in body["error"]["message"], body
+        assert "Failing row" not in body["error"]["message"] + caplog.text  # (it quotes the turn)
         assert not [r for r in caplog.records if r.exc_info], caplog.text
         await admin.execute("ALTER TABLE turns DROP CONSTRAINT refuse_all")
         fake_llm.push(Step(text="back"))

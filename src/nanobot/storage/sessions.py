@@ -200,13 +200,8 @@ class SessionStore:
             committed = self._backend.append(key, messages, lease)
         except (TypeError, ValueError) as exc:
             raise NanobotError(f"could not save the conversation: {exc}") from exc
-        try:
+        try:  # (its StorageError says what failed: "cannot save the conversation (PostgreSQL ...)")
             version = await asyncio.shield(committed)
-        except StorageError as exc:
-            self._forget(key)
-            if type(exc) is not StorageError:  # (LeaseLostError: its own status and words)
-                raise
-            raise StorageError(f"could not save the conversation: {exc}") from exc
         except BaseException:
             self._forget(key)
             raise

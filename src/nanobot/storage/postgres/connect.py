@@ -30,6 +30,9 @@ def reason(exc: BaseException, url: str) -> str:
         text = exc.strerror
     elif isinstance(exc, TimeoutError):
         text = "timed out"
+    elif isinstance(exc, asyncpg.PostgresError) and getattr(exc, "message", None):
+        # The server's message alone: its DETAIL may quote the row, i.e. the conversation's text.
+        text = str(exc.message)
     else:
         text = str(exc) or type(exc).__name__
     for password in url_passwords(url):

@@ -128,7 +128,14 @@ class SqliteWriter:
 
     def submit_row(self, row: Row) -> asyncio.Future[None]:
         """Queue one row for :attr:`WriterOptions.rows`; resolves once committed."""
-        return cast("asyncio.Future[None]", self._submit(row))
+        # (``_submit`` inlined: this is every turn's write)
+        if self._thread is None or self._loop is None:
+            raise RuntimeError(f"{self._options.what} is not open")
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._pending.append((row, fut))
+        if not self._busy:
+            self._flush()
+        return fut
 
     def _submit(self, item: Job | Row) -> asyncio.Future[Any]:
         if self._thread is None or self._loop is None:
