@@ -259,6 +259,7 @@ class PgOutbox:
         if not self._lanes:
             return
         started = time.monotonic()
+        lapsed = started >= self._valid_until  # our lanes may have stopped, believing them lost
         kept = await conn.fetch(sql.RENEW, self.holder, list(self._lanes.values()), self._ttl)
         ours = {r["token"] for r in kept}
         lost = [lane for lane, token in self._lanes.items() if token not in ours]
@@ -267,6 +268,8 @@ class PgOutbox:
         if lost:
             log.warning("outbox: %d chat lane(s) taken over by another process (lease ran out)", len(lost))
         self._valid_until = started + self._ttl * _MARGIN
+        if lapsed and ours and self._wake is not None:
+            self._wake()  # still ours after all: re-read, so their messages are queued again
 
     async def _keep_leases(self) -> None:
         """Renew our leases a few times per lease; give back lanes with nothing left to send."""
