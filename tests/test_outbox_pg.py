@@ -6,14 +6,22 @@ Each :class:`PgOutbox` here stands for one process (its own pool and listening c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestServer
 
-from nanobot.config import StorageConfig
+from nanobot.bus import DeliveryReceipt, MessageBus, OutboundMessage
+from nanobot.channels.api import ApiChannel
+from nanobot.config import Config, StorageConfig
+from nanobot.delivery.manager import ChannelManager, build_channel_manager
 from nanobot.delivery.outbox import NewMessage, State
 from nanobot.storage.postgres import PgOutbox, PgStorage
+
+from fake_platforms import FakeTelegram, make_config
 
 Opener = Callable[..., Awaitable[PgOutbox]]
 TELEGRAM = frozenset({"telegram"})
@@ -126,3 +134,47 @@ async def test_nul_characters_are_stored_without_them(process: Opener) -> None:
     await one.add([NewMessage("telegram", "9\x00", "message", "a\x00b", {"k\x00": "v\x00"})])
     [stored] = await one.recover(TELEGRAM, 3600)
     assert (stored.chat_id, stored.content, stored.metadata) == ("9", "ab", {"k": "v"})
+
+
+@pytest.fixture
+async def telegram(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> tuple[FakeTelegram, str]:
+    fake = FakeTelegram()
+    server = await aiohttp_server(fake.app, access_log=None)
+    return fake, str(server.make_url("")).rstrip("/")
+
+
+@contextlib.asynccontextmanager
+async def manager_on(outbox: PgOutbox, config: Config, bus: MessageBus) -> AsyncIterator[ChannelManager]:
+    """A delivery manager on ``outbox``, as runtime.py wires it on PostgreSQL."""
+    manager = build_channel_manager(config, bus, ApiChannel())
+    manager.use_outbox(outbox, outbox)
+    await manager.start()
+    task = asyncio.create_task(manager.run())
+    try:
+        yield manager
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await manager.stop()
+
+
+async def test_two_managers_share_the_chats_in_order(
+    process: Opener, telegram: tuple[FakeTelegram, str], tmp_path: Path
+) -> None:
+    """Messages to one chat published alternately through two processes arrive once each, in
+    order; a sender whose chat another process delivers is told so at once."""
+    fake, url = telegram
+    config = make_config(tmp_path, telegram=url)
+    buses = MessageBus(), MessageBus()
+    async with manager_on(await process(), config, buses[0]), manager_on(await process(), config, buses[1]):
+        receipts = []
+        for i in range(120):  # each committed before the next is published: that is the order
+            receipt: asyncio.Future[DeliveryReceipt] = asyncio.get_running_loop().create_future()
+            buses[i % 2].publish_outbound(OutboundMessage("telegram", str(i % 3), f"m{i}", receipt=receipt))
+            receipts.append(await receipt)
+        await fake.until(lambda: len(fake.sent) >= 120, within=60)
+    for chat in range(3):
+        assert fake.texts(chat) == [f"m{i}" for i in range(chat, 120, 3)]
+    assert len(fake.sent) == 120
+    assert DeliveryReceipt("queued", "another nanobot process delivers to this chat") in receipts
