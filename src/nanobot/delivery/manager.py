@@ -103,6 +103,11 @@ class ChannelManager:
         return frozenset(ch.name for ch in self._candidates)
 
     @property
+    def candidates(self) -> tuple[Channel, ...]:
+        """The platform channels enabled in config, whether they are up or not."""
+        return tuple(self._candidates)
+
+    @property
     def starting(self) -> frozenset[str]:
         """Channels unreachable at start that are still trying, in the background."""
         return frozenset(self._starting)
