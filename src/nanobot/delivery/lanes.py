@@ -175,6 +175,7 @@ class Lanes:
                     self._pop(lane)
         finally:
             del self._lanes[key]
+            self._saves.pop(key, None)
             self._on_lane_end()
 
     def _abandon(self, lane: deque[OutboxEntry]) -> None:
