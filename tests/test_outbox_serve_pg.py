@@ -146,7 +146,7 @@ async def test_kill_9_of_the_delivering_process_loses_nothing(
     fake.send_delay = 0.02  # a slow platform
     # The first send gets a 429: every server holds Telegram for a while (the hold is shared), so
     # the messages are all enqueued before delivery is under way.
-    fake.failures.append(Failure(429, "Too Many Requests: retry after 6", retry_after=6))
+    fake.failures.append(Failure(429, "Too Many Requests: retry after 10", retry_after=10))
     chats, per_chat = 6, 40
     async with three_servers(tmp_path, sender, url, pg_url, lease=1.0) as servers:
         await enqueue(servers, chats=chats, per_chat=per_chat, per_turn=10)
