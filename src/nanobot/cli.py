@@ -162,7 +162,7 @@ def _supervise(config: Config, args: argparse.Namespace) -> int:
 
 
 def _outbox(args: argparse.Namespace) -> int:
-    from nanobot.channels.outbox_cli import outbox_command
+    from nanobot.delivery.outbox_cli import outbox_command
 
     argv = [args.action] + (["--all"] if getattr(args, "all", False) else [])
     if args.action in ("retry", "drop"):

@@ -15,9 +15,9 @@ from nanobot.agent.loop import AgentLoop
 from nanobot.attachments import shutdown_extractors
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
-from nanobot.channels.lifecycle import RetryPolicy, reload_on_signal
-from nanobot.channels.manager import ChannelManager, build_channel_manager
 from nanobot.config import Config, describe_provider, safe_url
+from nanobot.delivery.lifecycle import RetryPolicy, reload_on_signal
+from nanobot.delivery.manager import ChannelManager, build_channel_manager
 from nanobot.errors import NanobotError
 from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until
@@ -68,6 +68,7 @@ def build_app(config: Config) -> web.Application:
         _name, provider_config = config.provider()
         storage = await open_storage(config, readiness)
         sessions = storage.sessions
+        manager.use_outbox(storage.outbox, storage.ownership)
         app[SESSION_STORE].store = sessions  # the /v1/sessions routes
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
@@ -203,8 +204,12 @@ async def serve(
         # the garbage (freed by reference counting): every 20,000 allocations instead of 700
         # does the same walk 28x less often. Cycles are rare here; they wait a little longer.
         gc.set_threshold(20_000, 10, 10)
-        # `nanobot outbox retry|drop` signals SIGUSR1 (via <workspace>/nanobot.pid) to apply at once.
-        with reload_on_signal(config.agents.defaults.workspace_path, app[CHANNELS].request_reload):
+        # `nanobot outbox retry|drop` signals SIGUSR1 (via <workspace>/nanobot.pid) to apply at once;
+        # on PostgreSQL it sends a NOTIFY, which the outbox itself listens for.
+        workspace_path = config.agents.defaults.workspace_path
+        hand_edits = (contextlib.nullcontext() if config.storage.is_postgres
+                      else reload_on_signal(workspace_path, app[CHANNELS].request_reload))  # fmt: skip
+        with hand_edits:
             if ready is not None:
                 ready.set()
             await run_until(stop, runner, config.api)
