@@ -1,8 +1,8 @@
 """``python -m bench``: run the benchmark, print a markdown table, write JSON.
 
 Flags: ``--quick`` (smoke run, < 60 s), ``--only SECTION`` (repeatable or comma-separated:
-nonstream, streaming, streams, attachments, channels, startup, mcp), ``--out PATH`` (JSON, default
-``bench/results.json``), ``--no-pin`` (pinning is automatic where the machine has the cores:
+nonstream, streaming, streams, attachments, channels, startup, mcp, pg, workers), ``--out PATH``
+(JSON, default ``bench/results.json``), ``--no-pin`` (pinning is automatic where the machine has the cores:
 see ``bench/cpus.py``), ``--repeats N`` (non-stream points, default 3), ``--profile`` (sample
 the gateway with py-spy under c=16 load and print its hot spots).
 """
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import extras, mcp_section, sections
+from bench import extras, mcp_section, pg_section, sections
 from bench.harness import Bench, Settings
 from bench.procs import HarnessError, machine_info
 from bench.report import Report
@@ -34,6 +34,8 @@ SECTIONS: dict[str, Callable[[Bench, Report], None]] = {
     "channels": extras.channels,
     "startup": sections.startup,
     "mcp": mcp_section.mcp,
+    "pg": pg_section.pg,
+    "workers": pg_section.workers,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 

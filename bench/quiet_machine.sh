@@ -2,12 +2,15 @@
 # One-shot benchmark for a quiet, many-core machine without internet (issue 12).
 #
 # Runs `python -m bench` (non-stream direct / floor / gateway with 3 repeats, streaming TTFB,
-# 1,000 open streams, start-up) with the processes pinned to separate cores, and writes
-# results.json, results.md and the logs to $OUT (default ./bench-out).
+# 1,000 open streams, start-up) with the processes pinned to separate cores, then the scale-out
+# sections (pg: one process on PostgreSQL vs SQLite; workers: --workers 1, 2, 4), and writes
+# results.json, results-pg.json, results.md, results-pg.md and the logs to $OUT (default ./bench-out).
 #
-# Needs, beside the repository: .whl/ (the cp312 wheels of aiohttp, orjson, uvloop and their
-# dependencies) and .debs/ (wrk and libluajit, Debian packages); see the README's performance
-# section. Optional: .base/src, a baseline tree (git archive <commit> src | tar -x -C .base):
+# Needs, beside the repository: .whl/ (the cp312 wheels of aiohttp, orjson, uvloop, asyncpg and
+# their dependencies) and .debs/ (wrk and libluajit; for the scale-out sections also the
+# PostgreSQL server where none is installed: `apt-get download postgresql-15 libpq5 libicu72
+# libllvm15` on Debian 12, whatever of its libraries `ldd` finds missing); see the README's
+# performance section. Optional: .base/src, a baseline tree (git archive <commit> src | tar -x -C .base):
 # its gateway is measured in the same way afterwards (non-stream only), for before/after.
 #
 # Environment: PYTHON (default python3), OUT, REPEATS (default 3), MAX_SECONDS (default 420),
@@ -63,9 +66,24 @@ export LD_LIBRARY_PATH="$WRKROOT/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD
 WRK_VERSION=$(wrk --version 2>&1 || true)  # (wrk --version exits 1)
 case "$WRK_VERSION" in wrk*) echo "${WRK_VERSION%%$'\n'*}" ;; *) echo "wrk does not run: $WRK_VERSION"; exit 1 ;; esac
 
+# 2b. PostgreSQL for the scale-out sections: the installed one, else the one in .debs/ (already
+# unpacked above into $WRKROOT). As root the server runs as the postgres user (tests/pgserver.py).
+if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+    for bin in "$WRKROOT"/usr/lib/postgresql/*/bin; do
+        if [ -x "$bin/pg_ctl" ]; then export NANOBOT_PG_BIN=$bin; fi
+    done
+    if [ -n "${NANOBOT_PG_BIN:-}" ] && [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+        useradd --system --no-create-home postgres || true
+    fi
+    echo "PostgreSQL: ${NANOBOT_PG_BIN:-none (the pg and workers sections will say they were skipped)}"
+fi
+
 # 3. The benchmark: pinning is automatic (bench/cpus.py); the notes under the table say how.
 $PY -m bench --only nonstream,streaming,streams,startup --repeats "$REPEATS" \
     --max-seconds "$MAX_SECONDS" --out "$OUT/results.json" "${EXTRA[@]}" | tee "$OUT/results.md"
+# The scale-out sections, in a run of their own (so the table above keeps its time budget).
+$PY -m bench --only pg,workers --repeats "$REPEATS" --max-seconds "$MAX_SECONDS" \
+    --out "$OUT/results-pg.json" "${EXTRA[@]}" | tee "$OUT/results-pg.md" || true
 # (bench.cost needs valgrind; where it is installed, instructions per request as well)
 if command -v valgrind >/dev/null && command -v callgrind_control >/dev/null; then
     timeout 300 $PY -m bench.cost --n 300 --warmup 100 --conc 1,16 | tee "$OUT/cost.txt" || true

@@ -201,22 +201,24 @@ class Upstream:
         return resp
 
 
-def _listen(port: int) -> socket.socket:
+def _listen(port: int, reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # several upstream processes on one port (bench.pg_section's workers section)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(4096)
     sock.setblocking(False)
     return sock
 
 
-async def serve(port: int, telegram: bool) -> None:
+async def serve(port: int, telegram: bool, reuse_port: bool = False) -> None:
     """Serve until killed; print ``READY <port> [<telegram port>]`` once listening."""
     upstream = Upstream()
     server = web.Server(upstream.handle, access_log=None)
     runner = web.ServerRunner(server, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
-    sock = _listen(port)
+    sock = _listen(port, reuse_port)
     await web.SockSite(runner, sock, backlog=4096).start()
     ports = [str(sock.getsockname()[1])]
     if telegram:
@@ -235,9 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--telegram", action="store_true", help="also serve a fake Telegram Bot API")
+    parser.add_argument("--reuse-port", action="store_true", help="share --port with other upstreams")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        run_loop(serve(args.port, args.telegram))
+        run_loop(serve(args.port, args.telegram, args.reuse_port))
 
 
 def run_loop(main_coro: Coroutine[Any, Any, T]) -> T:

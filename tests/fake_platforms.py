@@ -32,8 +32,8 @@ from aiohttp import WSMsgType, web
 
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
-from nanobot.channels.manager import ChannelManager, build_channel_manager
 from nanobot.config import Config, parse_config
+from nanobot.delivery.manager import ChannelManager, build_channel_manager
 
 TELEGRAM_TOKEN = "123456:SECRET-telegram-token-abc"
 DISCORD_TOKEN = "SECRET.discord.token-xyz"
@@ -167,6 +167,7 @@ class FakeTelegram(Recorder):
         self.rate_limit_every = 0  # when > 0, every Nth sendMessage call gets a 429
         self.rate_limit_retry_after = 1.0
         self.hold_after: int | None = None  # once this many are sent, park sendMessage calls until release
+        self.send_delay = 0.0  # seconds each sendMessage call takes (a slow platform)
         self.release = asyncio.Event()
         self.parked = 0
         self.redirect_loop = False  # redirect every call to itself: aiohttp's error then names the URL
@@ -351,6 +352,8 @@ class FakeTelegram(Recorder):
             self.parked += 1
             await self.changed()
             await self.release.wait()  # a dying client cancels this handler: nothing is recorded
+        if self.send_delay:
+            await asyncio.sleep(self.send_delay)
         if self.failures:
             failure = self.failures.popleft()
             return self._error(failure.status, failure.description, failure.retry_after)

@@ -9,7 +9,7 @@ from pathlib import Path
 from aiohttp.test_utils import TestServer
 
 from nanobot.bus import MessageBus, OutboundKind, OutboundMessage
-from nanobot.channels.outbox import State, connect, select
+from nanobot.delivery.outbox import State, connect, select
 
 from fake_platforms import FakeTelegram, make_config, running
 

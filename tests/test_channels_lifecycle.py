@@ -16,9 +16,9 @@ from aiohttp.test_utils import TestServer
 
 from nanobot.bus import MessageBus, OutboundMessage
 from nanobot.channels.api import ApiChannel
-from nanobot.channels.manager import build_channel_manager
-from nanobot.channels.outbox import NewMessage, OutboxStore, State, connect, select
 from nanobot.config import Config
+from nanobot.delivery.manager import build_channel_manager
+from nanobot.delivery.outbox import NewMessage, OutboxStore, State, connect, select
 from nanobot.tools import MessageTool, ToolContext
 
 from fake_platforms import Failure, FakeTelegram, make_config, running

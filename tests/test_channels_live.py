@@ -16,10 +16,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessage
-from nanobot.channels.lifecycle import PID_FILE
-from nanobot.channels.outbox import OutboxEntry, State, connect, select
-from nanobot.channels.outbox_cli import outbox_command
 from nanobot.config import Config, parse_config
+from nanobot.delivery.lifecycle import PID_FILE
+from nanobot.delivery.outbox import OutboxEntry, State, connect, select
+from nanobot.delivery.outbox_cli import outbox_command
 
 import fake_platforms as fp
 from fake_llm import FakeLLM

@@ -13,10 +13,10 @@ from aiohttp.test_utils import TestServer
 
 from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessage
 from nanobot.channels.api import ApiChannel
-from nanobot.channels.manager import APOLOGY, ChannelManager, build_channel_manager
-from nanobot.channels.outbox import NewMessage, OutboxStore, State, connect, select
-from nanobot.channels.outbox_cli import outbox_command
 from nanobot.config import Config
+from nanobot.delivery.manager import APOLOGY, ChannelManager, build_channel_manager
+from nanobot.delivery.outbox import NewMessage, OutboxStore, State, connect, select
+from nanobot.delivery.outbox_cli import outbox_command
 from nanobot.errors import ProviderError
 from test_group_commit import wal_commits
 

@@ -11,9 +11,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from nanobot.bus import DeliveryReceipt, InboundMessage, MessageBus, OutboundKind, OutboundMessage
-from nanobot.channels.outbox import State, connect, select
 from nanobot.channels.telegram import TelegramChannel
 from nanobot.config import Config, TelegramConfig
+from nanobot.delivery.outbox import State, connect, select
 
 from fake_platforms import TELEGRAM_TOKEN, Failure, FakeTelegram, make_config, running
 

@@ -61,6 +61,9 @@ class ApiConfig:
     # -- operations (scale-out issue): GET /metrics, and one log line per request (opt-in: it costs)
     metrics: bool = True
     access_log: bool = False
+    # -- several processes (scale-out issue): `nanobot serve` starts this many on one port
+    # (SO_REUSEPORT, a supervisor restarts any that dies); more than 1 needs storage.url = postgresql
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +322,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"api.{key}: must be greater than 0")
     if api.shutdown_grace < 0:
         raise ConfigError("api.shutdownGrace: must not be negative")
+    if not 1 <= api.workers <= 256:
+        raise ConfigError(f"api.workers: expected 1-256, got {api.workers}")
     if api.client_history not in ("reject", "accept"):
         raise ConfigError(f'api.clientHistory: expected "reject" or "accept", got {api.client_history!r}')
     _check_storage(config.storage)
@@ -412,11 +417,14 @@ def load_config(path: str | Path | None = None) -> Config:
     return parse_config(data)
 
 
-def with_overrides(config: Config, **api_overrides: object) -> Config:
-    """Return ``config`` with CLI flags (``host``, ``port``, ``timeout``) applied over ``api``."""
+def with_overrides(config: Config, *, storage_url: str | None = None, **api_overrides: object) -> Config:
+    """Return ``config`` with CLI flags applied: ``host``, ``port``, ``timeout``, ``workers`` over
+    ``api``, ``storage_url`` over ``storage.url``."""
     given = {k: v for k, v in api_overrides.items() if v is not None}
-    if not given:
+    if not given and storage_url is None:
         return config
     new = dataclasses.replace(config, api=dataclasses.replace(config.api, **given))  # type: ignore[arg-type]
+    if storage_url is not None:
+        new = dataclasses.replace(new, storage=dataclasses.replace(new.storage, url=storage_url))
     _check(new)
     return new

@@ -15,10 +15,10 @@ from nanobot.agent.loop import AgentLoop
 from nanobot.attachments import shutdown_extractors
 from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
-from nanobot.channels.lifecycle import RetryPolicy, reload_on_signal
-from nanobot.channels.manager import ChannelManager, build_channel_manager
 from nanobot.channels.telegram import TelegramChannel
 from nanobot.config import Config, describe_provider, safe_url
+from nanobot.delivery.lifecycle import RetryPolicy, reload_on_signal
+from nanobot.delivery.manager import ChannelManager, build_channel_manager
 from nanobot.errors import NanobotError
 from nanobot.gateway.app import create_app
 from nanobot.gateway.connections import make_runner, run_until
@@ -52,8 +52,9 @@ def build_app(config: Config) -> web.Application:
             add_telegram_webhook(app, webhook, channel)
 
     async def workspace(_app: web.Application) -> AsyncIterator[None]:
-        # First: nothing else may touch the workspace unless it is ours alone.
-        lock = WorkspaceLock.acquire(config.agents.defaults.workspace_path)
+        # First: nothing else may touch the workspace unless it is ours alone (SQLite), or
+        # shared only with other servers on the same kind of storage (PostgreSQL).
+        lock = WorkspaceLock.acquire(config.agents.defaults.workspace_path, shared=config.storage.is_postgres)
         try:
             yield
         finally:
@@ -73,6 +74,7 @@ def build_app(config: Config) -> web.Application:
         _name, provider_config = config.provider()
         storage = await open_storage(config, readiness)
         sessions = storage.sessions
+        manager.use_outbox(storage.outbox, storage.ownership)
         app[SESSION_STORE].store = sessions  # the /v1/sessions routes
         provider = OpenAICompatProvider(provider_config, model=defaults.model)
         await provider.start()
@@ -167,10 +169,13 @@ def describe(config: Config, source: str) -> None:
                     "(set providers.%s.apiKey)", provider.name, provider.name)  # fmt: skip
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None, source: str = "") -> None:
+async def serve(
+    config: Config, *, ready: asyncio.Event | None = None, source: str = "", reuse_port: bool = False
+) -> None:
     """Run the gateway until SIGINT/SIGTERM (or cancellation), then shut down in order.
 
-    ``source`` is where the config came from (a path; empty: the built-in defaults).
+    ``source`` is where the config came from (a path; empty: the built-in defaults);
+    ``reuse_port``: share the port with sibling workers (SO_REUSEPORT; see ``workers.py``).
     """
     app = build_app(config)
     runner = make_runner(app, config.api)
@@ -182,7 +187,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, source: s
     try:
         # Inside the try: a start-up that fails half-way still unwinds what it started.
         await runner.setup()
-        site = web.TCPSite(runner, config.api.host, config.api.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(
+            runner, config.api.host, config.api.port, backlog=1024, reuse_address=True, reuse_port=reuse_port
+        )
         try:
             await site.start()
         except OSError as exc:  # the port is taken, or the address is not ours
@@ -203,8 +210,12 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, source: s
         # the garbage (freed by reference counting): every 20,000 allocations instead of 700
         # does the same walk 28x less often. Cycles are rare here; they wait a little longer.
         gc.set_threshold(20_000, 10, 10)
-        # `nanobot outbox retry|drop` signals SIGUSR1 (via <workspace>/nanobot.pid) to apply at once.
-        with reload_on_signal(config.agents.defaults.workspace_path, app[CHANNELS].request_reload):
+        # `nanobot outbox retry|drop` signals SIGUSR1 (via <workspace>/nanobot.pid) to apply at once;
+        # on PostgreSQL it sends a NOTIFY, which the outbox itself listens for.
+        workspace_path = config.agents.defaults.workspace_path
+        hand_edits = (contextlib.nullcontext() if config.storage.is_postgres
+                      else reload_on_signal(workspace_path, app[CHANNELS].request_reload))  # fmt: skip
+        with hand_edits:
             if ready is not None:
                 ready.set()
             await run_until(stop, runner, config.api)

@@ -1,12 +1,16 @@
-"""The workspace lock: one ``nanobot serve`` per workspace.
+"""The workspace lock: who may run a ``nanobot serve`` on a workspace.
 
-Two servers on one workspace would both drain its outbox (every message sent twice) and
-write the same history. So a server holds an exclusive ``flock`` on
-``<workspace>/nanobot.lock`` for its whole life, with its pid written inside; a second one
-is refused with one line naming that pid. The kernel drops the lock when the process
-ends, however it ends (``kill -9`` included), so a stale file never blocks a restart.
-The file is never deleted: unlinking a lock file lets a third process lock a new inode
-while a second still holds the old one.
+Two servers on SQLite sharing one workspace would both drain its outbox (every message sent
+twice) and write the same history files. So a server on SQLite holds an *exclusive* ``flock``
+on ``<workspace>/nanobot.lock`` for its whole life, with its pid written inside; a second one
+is refused with one line naming that pid. Servers on PostgreSQL (``storage.url``) keep what
+they share in the database, so any number of them may share a workspace: each holds a
+*shared* lock, which still keeps a SQLite server out (and the other way round): mixing the
+two on one workspace is refused in one line.
+
+The kernel drops the lock when the process ends, however it ends (``kill -9`` included), so a
+stale file never blocks a restart. The file is never deleted: unlinking a lock file lets a
+third process lock a new inode while a second still holds the old one.
 
 ``nanobot outbox`` commands do not take this lock: they work while a server runs (SQLite
 serialises their writes) and tell it through ``nanobot.pid`` (see ``channels/lifecycle.py``).
@@ -35,17 +39,20 @@ def prepare(workspace: Path) -> None:
 
 
 class WorkspaceLock:
-    """An exclusive lock on a workspace, held until :meth:`release` or the process ends."""
+    """A lock on a workspace (exclusive, or shared among PostgreSQL servers), held until
+    :meth:`release` or the process ends."""
 
-    __slots__ = ("_fd", "path")
+    __slots__ = ("_fd", "path", "shared")
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, shared: bool) -> None:
         self.path = path
         self._fd: int | None = fd
+        self.shared = shared
 
     @classmethod
-    def acquire(cls, workspace: Path) -> WorkspaceLock:
-        """Lock ``workspace`` (creating it), or raise :class:`StorageError` naming the holder's pid."""
+    def acquire(cls, workspace: Path, *, shared: bool = False) -> WorkspaceLock:
+        """Lock ``workspace`` (creating it): exclusively, or ``shared`` with other servers on
+        PostgreSQL; else raise :class:`StorageError` naming the holder's pid and what to change."""
         prepare(workspace)
         path = workspace / LOCK_FILE
         try:
@@ -53,33 +60,58 @@ class WorkspaceLock:
         except OSError as exc:
             raise StorageError(f"cannot create the lock file {path}: {exc.strerror or exc}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(fd)
+            why = _refusal(workspace, fd, shared)
             os.close(fd)
-            raise StorageError(
-                f"workspace {workspace} is in use by another nanobot serve ({holder}); "
-                "stop it, or give this one another agents.defaults.workspace"
-            ) from None
+            raise StorageError(why) from None
         except OSError as exc:
             os.close(fd)
             raise StorageError(f"cannot lock {path}: {exc.strerror or exc}") from None
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            # Fixed width: shared holders overwrite each other's pid without leaving a tail behind.
+            os.ftruncate(fd, _PID_WIDTH)
+            os.pwrite(fd, f"{os.getpid():<{_PID_WIDTH - 1}}\n".encode(), 0)
         except OSError as exc:
             os.close(fd)
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
-        return cls(path, fd)
+        return cls(path, fd, shared)
 
     def release(self) -> None:
-        """Give the workspace up (the file stays, emptied); safe to call twice."""
+        """Give the workspace up (an exclusive holder empties the file); safe to call twice."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        with contextlib.suppress(OSError):  # nothing to do about it; closing unlocks anyway
-            os.ftruncate(fd, 0)
+        if not self.shared:  # (a shared holder leaves the pid: others may still hold the lock)
+            with contextlib.suppress(OSError):  # nothing to do about it; closing unlocks anyway
+                os.ftruncate(fd, 0)
         os.close(fd)
+
+
+_PID_WIDTH = 12
+
+
+def _refusal(workspace: Path, fd: int, shared: bool) -> str:
+    """Why the lock on ``workspace`` (open as ``fd``) could not be taken, naming the holder."""
+    holder = _holder(fd)
+    if shared:
+        return (
+            f"workspace {workspace} is in use by a nanobot serve on SQLite ({holder}); servers on "
+            "PostgreSQL share a workspace only with each other: stop it, or give this one another "
+            "agents.defaults.workspace"
+        )
+    try:  # a shared lock would be granted: the holders are servers on PostgreSQL
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return (
+            f"workspace {workspace} is in use by another nanobot serve ({holder}); "
+            "stop it, or give this one another agents.defaults.workspace"
+        )
+    return (
+        f"workspace {workspace} is in use by nanobot serve processes on PostgreSQL ({holder}); "
+        "a server on SQLite needs it alone: give it the same storage.url, or another "
+        "agents.defaults.workspace"
+    )
 
 
 def _holder(fd: int) -> str:

@@ -1,4 +1,4 @@
-"""Chat channels: the ``Channel`` interface, the manager that dispatches to them, and the adapters."""
+"""Chat channels: the ``Channel`` interface and the adapters (delivery lives in :mod:`nanobot.delivery`)."""
 
 from nanobot.channels.base import Channel
 

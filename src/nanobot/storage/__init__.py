@@ -9,11 +9,16 @@ processes (:mod:`nanobot.storage.postgres`).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nanobot.config import Config
+from nanobot.delivery.ownership import LaneOwnership, OneProcess
 from nanobot.health import Readiness
 from nanobot.storage.sessions import SessionStore
+
+if TYPE_CHECKING:  # (the outbox module imports the SQLite writer from this package)
+    from nanobot.delivery.outbox import Outbox
 
 
 async def _nothing() -> None:
@@ -22,9 +27,15 @@ async def _nothing() -> None:
 
 @dataclass(frozen=True, slots=True)
 class Storage:
-    """Everything this process stores, opened together and closed together."""
+    """Everything this process stores, opened together and closed together.
+
+    ``outbox`` is opened and closed by its user (the delivery manager, which must stop its
+    lanes first); ``ownership`` says which chat lanes this process delivers.
+    """
 
     sessions: SessionStore
+    outbox: Outbox
+    ownership: LaneOwnership = field(default_factory=OneProcess)
     # What the stores share, closed after them (the PostgreSQL pool; nothing for SQLite files).
     engine_close: Callable[[], Awaitable[None]] = _nothing
 
@@ -40,6 +51,8 @@ async def open_storage(config: Config, health: Readiness) -> Storage:
     """The stores ``storage.url`` names: the workspace's SQLite files (absent or ``"sqlite"``),
     or the shared PostgreSQL database (migrated at start). Each store flips its slot in
     ``health`` (``/health/ready``)."""
+    from nanobot.delivery.outbox import OutboxStore
+
     defaults = config.agents.defaults
     if not config.storage.is_postgres:
         sessions = await SessionStore.open(
@@ -49,9 +62,9 @@ async def open_storage(config: Config, health: Readiness) -> Storage:
             cache_bytes=defaults.session_cache_bytes,
             health=health.store("sessions"),
         )
-        return Storage(sessions)
+        return Storage(sessions, OutboxStore(defaults.workspace_path / "outbox.db", health.store("outbox")))
     # Imported here: asyncpg is only loaded by deployments that use it.
-    from nanobot.storage.postgres import PgStorage
+    from nanobot.storage.postgres import PgOutbox, PgStorage
 
     pg = await PgStorage.open(config.storage, health.store("sessions"))
     shared = SessionStore(
@@ -61,4 +74,5 @@ async def open_storage(config: Config, health: Readiness) -> Storage:
         max_chars=defaults.max_history_chars,
         cache_bytes=defaults.session_cache_bytes,
     )
-    return Storage(shared, pg.close)
+    outbox = PgOutbox(pg.pool, config.storage, health.store("outbox"))
+    return Storage(shared, outbox, outbox, pg.close)

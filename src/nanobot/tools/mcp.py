@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from nanobot.channels.lifecycle import RetryPolicy
+from nanobot.delivery.lifecycle import RetryPolicy
 from nanobot.tools.base import Tool, ToolContext, ToolResult
 from nanobot.tools.mcp_schema import Listed, tool_names
 from nanobot.tools_config import McpServerConfig

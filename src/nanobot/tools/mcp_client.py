@@ -5,7 +5,7 @@ the SDK's transports and session are anyio context managers, which must be enter
 left in the same task. That task connects, lists the tools, then waits until the server is
 lost (its stdio pipe closes, its HTTP transport fails, or a call finds the connection
 closed), says its tools changed, or shutdown is asked for; a lost server is reconnected
-with the one backoff policy (:class:`~nanobot.channels.lifecycle.RetryPolicy`). Calls do not
+with the one backoff policy (:class:`~nanobot.delivery.lifecycle.RetryPolicy`). Calls do not
 go through that task: the SDK's session correlates concurrent requests itself, so a tool
 call runs in the turn's own task, and cancelling the turn cancels the request.
 """
@@ -27,7 +27,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
 
 from nanobot import __version__
-from nanobot.channels.lifecycle import RetryPolicy
+from nanobot.delivery.lifecycle import RetryPolicy
 from nanobot.errors import NanobotError
 from nanobot.redact import redact
 from nanobot.tools.base import ToolResult

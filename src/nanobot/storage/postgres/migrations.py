@@ -110,7 +110,20 @@ _V2_storage = (
     $$""",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_storage)
+# The outbox across processes: lane tokens only grow (fencing: a process that lost its lane cannot
+# record deliveries in it), and a platform's Retry-After held for every process (per channel and
+# bucket; "*" is the whole channel), as the server's time it ends.
+_V2_outbox = (
+    "CREATE SEQUENCE outbox_lane_tokens",
+    """CREATE TABLE outbox_holds (
+        channel TEXT NOT NULL,
+        bucket TEXT NOT NULL,
+        not_before TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (channel, bucket)
+    )""",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_storage, _V2_outbox)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # pg_advisory_lock key of the migrations: the bytes of "nanobot" read as one number.

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanobot.channels.base import Channel
-from nanobot.channels.outbox import OutboxEntry
 from nanobot.config import ChannelsConfig
+from nanobot.delivery.outbox import OutboxEntry
 from nanobot.errors import ChannelError, ChannelRetryableError
 
 log = logging.getLogger(__name__)

@@ -221,7 +221,9 @@ def select(conn: sqlite3.Connection, states: Iterable[State] | None = None) -> l
 
 
 class Outbox(Protocol):
-    """What the channel manager needs from outbox storage (SQLite here; a shared engine could replace it)."""
+    """What the delivery manager needs from outbox storage: :class:`OutboxStore` (SQLite, one
+    process) or :class:`~nanobot.storage.postgres.PgOutbox` (shared by many processes; there
+    ``recover`` returns only the pending entries of the chat lanes this process holds)."""
 
     @property
     def is_open(self) -> bool:
@@ -240,7 +242,8 @@ class Outbox(Protocol):
         """Write back delivery progress without waiting for it."""
 
     async def recover(self, enabled: frozenset[str], held_max_age: float) -> list[OutboxEntry]:
-        """Settle held and pending entries at start; return the pending ones, oldest first."""
+        """Settle held and pending entries (at start, and at each re-read); return the pending
+        ones this process delivers, oldest first."""
 
     async def counts(self) -> dict[str, int]:
         """Entries per state, ``delivered`` left out (for /metrics)."""

@@ -6,19 +6,24 @@
 workspace is told at once (``SIGUSR1`` to the pid in ``<workspace>/nanobot.pid``, see
 ``lifecycle.py``): it sends a retried message now, and never sends a dropped one. With no
 server running, the change takes effect at the next start.
+
+With ``storage.url`` naming PostgreSQL, the commands act on the shared outbox, and every
+server on that database is told through ``NOTIFY`` (see
+:mod:`nanobot.storage.postgres.outbox_admin`) instead of a pid file.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import sys
 import time
 from pathlib import Path
 from typing import TextIO
 
-from nanobot.channels.lifecycle import notify_server
-from nanobot.channels.outbox import OutboxEntry, State, connect, select
-from nanobot.config import Config
+from nanobot.config import Config, StorageConfig, safe_url
+from nanobot.delivery.lifecycle import notify_server
+from nanobot.delivery.outbox import OutboxEntry, State, connect, select
 from nanobot.errors import StorageError
 
 USAGE = "usage: nanobot outbox list [--all] | retry ID | drop ID"
@@ -29,6 +34,8 @@ _ROW = "{:>6}  {:<9}  {:<9}  {:<14}  {:>5}  {:>6}  {}"
 def outbox_command(config: Config, argv: list[str], out: TextIO | None = None) -> int:
     """Run one outbox subcommand; exit code 0 ok, 1 not found, 2 usage (an unusable file: StorageError)."""
     stream = out if out is not None else sys.stdout
+    if config.storage.is_postgres:
+        return _run_shared(config.storage, argv, stream, out is None)
     path = config.agents.defaults.workspace_path / "outbox.db"
     try:
         return _run(path, argv, stream, out is None)
@@ -51,8 +58,33 @@ def _run(path: Path, argv: list[str], stream: TextIO, usage_to_stderr: bool) -> 
             return 2
 
 
+def _run_shared(config: StorageConfig, argv: list[str], out: TextIO, usage_to_stderr: bool) -> int:
+    """The same commands on the PostgreSQL outbox (asyncpg, one connection per command)."""
+    from nanobot.storage.postgres import outbox_admin  # (asyncpg is loaded only here)
+
+    match argv:
+        case ["list"] | ["list", "--all"]:
+            return _print(asyncio.run(outbox_admin.list_entries(config, len(argv) == 2)), out)
+        case ["retry" | "drop" as action, ident] if ident.isdigit():
+            retry = action == "retry"
+            if not asyncio.run(outbox_admin.change(config, int(ident), retry)):
+                print(f"no outbox message {ident}" + (" that can be retried" if retry else ""), file=out)
+                return 1
+            told = f"every nanobot serve on {safe_url(config.url)} was told"
+            what = f"retry {ident}: pending; {told} (sent now, or at the next start)" if retry else (
+                f"drop {ident}: dropped; {told} (it will not be sent)")  # fmt: skip
+            print(what, file=out)
+            return 0
+        case _:
+            print(USAGE, file=sys.stderr if usage_to_stderr else out)
+            return 2
+
+
 def _list(path: Path, out: TextIO, everything: bool) -> int:
-    entries = _read(path, everything)
+    return _print(_read(path, everything), out)
+
+
+def _print(entries: list[OutboxEntry], out: TextIO) -> int:
     if not entries:
         print("the outbox is empty", file=out)
         return 0

@@ -1,15 +1,16 @@
-"""Dispatches the agent's outbound messages to channels by name.
+"""Dispatches the agent's outbound messages to channels by name, and runs the channels.
 
 Non-durable channels (``api``) get them directly, with no awaits. Every other target goes
-through the durable outbox (see ``outbox.py``): the message is committed first (the
-*intake*, owned here), then delivered by its chat's *lane* (see ``lanes.py``), in order
-per chat. Messages for channels that are not enabled (or refused at start) are held, never sent.
+through the durable outbox (see ``outbox.py``): the message is committed first by the
+*intake* (``intake.py``), then delivered by its chat's *lane* (``lanes.py``), in order per
+chat. Messages for channels that are not enabled (or refused at start) are held, never sent.
 A channel whose platform was unreachable at start keeps trying in the background (see
 ``lifecycle.py``); its messages are held meanwhile, and go out once it is up.
 
-:meth:`ChannelManager.reload` re-reads the outbox after a hand edit (``nanobot outbox
-retry|drop``, announced by ``SIGUSR1``): newly pending messages join their lanes, a
-dropped one still in a lane is skipped, and messages already in a lane are never queued twice.
+:meth:`ChannelManager.reload` re-reads the outbox (``rereads.py``) after a hand edit
+(``nanobot outbox retry|drop``, announced by ``SIGUSR1``, or ``NOTIFY`` on PostgreSQL), a late
+channel start, or another process's work. Each of these parts owns its own state; the manager
+owns the channels and composes the parts.
 """
 
 from __future__ import annotations
@@ -23,13 +24,18 @@ from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessa
 from nanobot.channels.api import ApiChannel
 from nanobot.channels.base import Channel
 from nanobot.channels.discord import DiscordChannel
-from nanobot.channels.lanes import Lanes, resolve
-from nanobot.channels.lifecycle import RetryPolicy, keep_starting, reconcile, try_start
-from nanobot.channels.outbox import NewMessage, Outbox, OutboxEntry, OutboxStore, State
 from nanobot.channels.telegram import TelegramChannel
 from nanobot.config import ChannelsConfig, Config
+from nanobot.delivery.intake import APOLOGY, SHUTTING_DOWN, Intake
+from nanobot.delivery.lanes import Lanes, resolve
+from nanobot.delivery.lifecycle import RetryPolicy, keep_starting, try_start
+from nanobot.delivery.outbox import Outbox, OutboxEntry, OutboxStore
+from nanobot.delivery.ownership import LaneOwnership, OneProcess
+from nanobot.delivery.rereads import Rereads
 from nanobot.errors import ChannelError
 from nanobot.health import StorageHealth
+
+__all__ = ["APOLOGY", "SHUTTING_DOWN", "ChannelManager", "build_channel_manager"]
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +45,7 @@ ChannelFactory = Callable[[Config, MessageBus], Channel | None]
 # own section, plus ``api``'s upload limits for the files users send. No channel names here.
 CHANNEL_FACTORIES: tuple[ChannelFactory, ...] = (TelegramChannel.from_config, DiscordChannel.from_config)
 
-SHUTTING_DOWN = DeliveryReceipt("queued", "nanobot is shutting down; it will be sent after restart")
 _API_ONLY = frozenset({OutboundKind.DELTA, OutboundKind.TOOL_PROGRESS})
-APOLOGY = "Sorry, something went wrong while answering. Please try again in a moment."
 
 
 def build_channel_manager(
@@ -72,18 +76,19 @@ class ChannelManager:
         self._candidates = channels
         self._channels: dict[str, Channel] = {api.name: api}
         self._store = store
+        self._ownership: LaneOwnership = OneProcess()
         self._config = config
         self._policy = RetryPolicy(config)
-        self._intake: list[OutboundMessage] = []
-        self._intake_ready = asyncio.Event()
-        self._lanes = Lanes(self._channels, store, self._policy, self._check_idle)
         self._starting: set[str] = set()  # channels unreachable at start, retrying in the background
-        self._reload_wanted = asyncio.Event()
-        self._reload_lock = asyncio.Lock()
-        self._reloaded: set[int] | None = None  # while a reload reads: ids queued meanwhile
+        # Each part owns its own state: the lanes what is queued and under way, the intake what
+        # is not committed yet, the re-reads what a re-read is doing. The manager owns the channels.
+        self._lanes = Lanes(self._channels, store, self._policy, self._check_idle)
+        self._intake = Intake(store, self._ownership, self._lanes, self._channels, self._starting,
+                              self._enqueue, self._check_idle)  # fmt: skip
+        self._rereads = Rereads(store, self._lanes, self._enqueue, self._durable, config.held_max_age_seconds,
+                                self._check_idle)  # fmt: skip
         self._tasks: set[asyncio.Task[None]] = set()  # intake, re-reads, late starts (lanes own theirs)
         self._grace = grace  # how long stop() waits for sends under way
-        self._committing = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -112,9 +117,18 @@ class ChannelManager:
         """The outbox behind the durable channels."""
         return self._store
 
+    def use_outbox(self, store: Outbox, ownership: LaneOwnership) -> None:
+        """Keep the outbox in ``store`` (the one ``storage.url`` names), its lanes claimed through
+        ``ownership``; before :meth:`start`."""
+        self._store, self._ownership = store, ownership
+        self._lanes.use(store, ownership)
+        self._intake.use(store, ownership)
+        self._rereads.use(store)
+
     async def start(self) -> None:
         """Open the outbox, start the channels (refused: down; unreachable: retried), resume work."""
         await self._store.open()
+        await self._ownership.start(self.request_reload)
         await self._api.start()
         for channel in self._candidates:
             try:
@@ -132,8 +146,8 @@ class ChannelManager:
             log.info("outbox: resuming %d pending message(s)", len(pending))
         for entry in pending:
             self._enqueue(entry)
-        self._spawn(self._take_in())
-        self._spawn(self._reload_on_request())
+        self._spawn(self._intake.run())
+        self._spawn(self._rereads.run())
 
     async def stop(self) -> None:
         """Stop delivering, stop channels, close the outbox.
@@ -155,6 +169,7 @@ class ChannelManager:
                 await channel.stop()
             except ChannelError as exc:
                 log.warning("channel %s did not stop cleanly: %s", channel.name, exc)
+        await self._ownership.stop()
         await self._store.close()
 
     def _durable(self) -> frozenset[str]:
@@ -168,12 +183,11 @@ class ChannelManager:
 
     async def _keep_leftovers(self) -> None:
         """Commit what was taken in but not yet stored, so a clean shutdown loses nothing."""
-        leftovers = self._intake + [
+        leftovers = self._intake.take() + [
             m for m in self._bus.drain_outbound() if m.channel != self._api.name and m.kind not in _API_ONLY
         ]
-        self._intake = []
         if leftovers and self._store.is_open:
-            await self._commit(leftovers, deliver=False)
+            await self._intake.commit(leftovers, deliver=False)
 
     async def run(self) -> None:
         """Dispatch outbound messages until cancelled.
@@ -208,8 +222,7 @@ class ChannelManager:
         """Hand one platform message to the outbox (never awaits: the intake task commits it)."""
         if msg.kind in _API_ONLY:
             return  # streaming pieces and tool progress are for the API only; the REPLY carries the text
-        self._intake.append(msg)
-        self._intake_ready.set()
+        self._intake.put(msg)
         self._idle.clear()
 
     async def wait_idle(self) -> None:
@@ -219,94 +232,20 @@ class ChannelManager:
         await self._idle.wait()
 
     def _check_idle(self) -> None:
-        if not (self._intake or self._lanes.busy or self._committing or self._reloaded is not None):
+        if self._intake.busy or self._lanes.busy or self._rereads.busy:
+            self._idle.clear()
+        else:
             self._idle.set()
-
-    # ----------------------------------------------------------------------- intake
-
-    async def _take_in(self) -> None:
-        """Commit queued messages in batches, then hand them to their lanes."""
-        while True:
-            await self._intake_ready.wait()
-            self._intake_ready.clear()
-            batch, self._intake = self._intake, []
-            if not batch:
-                continue
-            self._committing = True
-            try:
-                await self._commit(batch)
-            finally:
-                self._committing = False
-                self._check_idle()
-
-    async def _commit(self, batch: list[OutboundMessage], deliver: bool = True) -> None:
-        news = []
-        for msg in batch:
-            content = APOLOGY if msg.kind == OutboundKind.ERROR else msg.content
-            held = msg.channel not in self._channels
-            meta = dict(msg.metadata)
-            news.append(NewMessage(msg.channel, msg.chat_id, str(msg.kind), content, meta, held))
-        try:
-            entries = await self._store.add(news)
-        except Exception as exc:  # the disk failed: every sender learns it, nothing is sent uncommitted
-            log.error("outbox: could not store %d message(s): %s", len(batch), exc)
-            for msg in batch:
-                resolve(msg, DeliveryReceipt("failed", f"could not store the message: {exc}"))
-            return
-        for entry, msg in zip(entries, batch, strict=True):
-            if entry.state == State.HELD:
-                why = "is not reachable yet" if entry.channel in self._starting else "is not enabled"
-                log.info("outbox: message %d for %s held: channel %s", entry.id, entry.channel, why)
-                resolve(msg, DeliveryReceipt("queued", f"channel {entry.channel} {why}"))
-                continue
-            if not deliver:
-                resolve(msg, SHUTTING_DOWN)
-                continue
-            ahead = self._lanes.ahead(entry.channel, entry.chat_id)
-            if ahead:  # its first attempt waits for theirs (maybe retrying for long): say so now
-                plural = "s" if ahead > 1 else ""
-                why = f"behind {ahead} earlier message{plural} to this chat"
-                resolve(msg, DeliveryReceipt("queued", why))
-                self._enqueue(entry)
-            else:
-                self._enqueue(entry, msg)
 
     # ----------------------------------------------------------------------- hand edits
 
     def request_reload(self) -> None:
         """Ask for a :meth:`reload` (for a signal handler: never blocks; requests coalesce)."""
-        self._reload_wanted.set()
-
-    async def _reload_on_request(self) -> None:
-        """Re-read the outbox whenever asked (a signal arrived, or a late channel came up)."""
-        while True:
-            await self._reload_wanted.wait()
-            self._reload_wanted.clear()
-            try:
-                await self.reload()
-            except Exception as exc:  # the disk failed: logged, and the next request tries again
-                log.error("outbox: could not re-read the outbox: %s", exc)
+        self._rereads.request()
 
     async def reload(self) -> None:
         """Re-read the outbox: queue what became pending, skip what was dropped, wake retried heads."""
-        async with self._reload_lock:
-            watched = self._lanes.queued_ids()  # each in the file before the read: its row tells its fate
-            self._reloaded = set()
-            self._idle.clear()
-            try:
-                rows = await self._store.recover(self._durable(), self._config.held_max_age_seconds)
-                queued = self._lanes.entries()
-                edits = reconcile(rows, queued, watched, self._reloaded)
-                for entry in edits.new:
-                    self._enqueue(entry)
-                self._lanes.drop(edits.dropped)
-                self._lanes.wake([*edits.retried, *(queued[i] for i in edits.dropped)])
-            finally:
-                self._reloaded = None
-                self._check_idle()
-        if edits.new or edits.dropped or edits.retried:
-            log.info("outbox: re-read: %d to send, %d dropped, %d retried by hand",
-                     len(edits.new), len(edits.dropped), len(edits.retried))  # fmt: skip
+        await self._rereads.reread()
 
     # ----------------------------------------------------------------------- tasks
 
@@ -324,5 +263,5 @@ class ChannelManager:
     def _enqueue(self, entry: OutboxEntry, msg: OutboundMessage | None = None) -> None:
         if self._lanes.enqueue(entry, msg):
             self._idle.clear()
-            if self._reloaded is not None:
-                self._reloaded.add(entry.id)
+            self._rereads.queued(entry.id)
+

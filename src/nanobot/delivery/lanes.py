@@ -24,11 +24,14 @@ from collections.abc import Callable, Iterable, Mapping
 
 from nanobot.bus import DeliveryReceipt, OutboundKind, OutboundMessage
 from nanobot.channels.base import Channel
-from nanobot.channels.lifecycle import RetryPolicy
-from nanobot.channels.outbox import Outbox, OutboxEntry, State
+from nanobot.delivery.lifecycle import RetryPolicy
+from nanobot.delivery.outbox import Outbox, OutboxEntry, State
+from nanobot.delivery.ownership import LaneOwnership, OneProcess
 from nanobot.errors import ChannelPermanentError, ChannelRetryableError
 
 log = logging.getLogger(__name__)
+
+ELSEWHERE = DeliveryReceipt("queued", "another nanobot process delivers to this chat")
 
 Lane = tuple[str, str]  # (channel, chat_id)
 
@@ -48,9 +51,11 @@ class Lanes:
         store: Outbox,
         policy: RetryPolicy,
         on_lane_end: Callable[[], None],
+        ownership: LaneOwnership | None = None,
     ) -> None:
         self._channels = channels  # live: a channel that comes up late joins it
         self._store = store
+        self._ownership: LaneOwnership = ownership or OneProcess()
         self._policy = policy
         self._on_lane_end = on_lane_end
         self._lanes: dict[Lane, deque[OutboxEntry]] = {}
@@ -58,6 +63,7 @@ class Lanes:
         self._gone: set[int] = set()  # ids in a lane whose row was dropped by hand: skipped
         self._wakers: dict[Lane, asyncio.Event] = {}  # lanes waiting for their head to be due
         self._receipts: dict[int, OutboundMessage] = {}  # senders waiting for a first attempt
+        self._saves: dict[Lane, asyncio.Future[None]] = {}  # each lane's last write-back
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
 
@@ -65,6 +71,10 @@ class Lanes:
     def busy(self) -> bool:
         """True while some lane has work."""
         return bool(self._lanes)
+
+    def use(self, store: Outbox, ownership: LaneOwnership) -> None:
+        """Deliver through ``store`` and ``ownership`` (chosen by ``storage.url``; before any work)."""
+        self._store, self._ownership = store, ownership
 
     def ahead(self, channel: str, chat_id: str) -> int:
         """How many entries wait (or are under way) in this chat's lane."""
@@ -148,15 +158,32 @@ class Lanes:
                     resolve(self._receipts.pop(entry.id, None), DeliveryReceipt("failed", "dropped"))
                     self._pop(lane)
                     continue
-                delay = entry.next_at - time.time()
+                if not self._ownership.holds(*key):  # its lease ran out: another process takes over
+                    self._abandon(lane)
+                    break
+                delay = max(entry.next_at - time.time(), self._ownership.held_for(key[0]))
                 if delay > 0:
                     await self._nap(key, delay)  # then look again: the head may be gone, or due sooner
                     continue
-                if await self._attempt(channel, entry):
+                settled = await self._attempt(channel, entry)
+                # The attempt's result is stored before the next attempt starts (and before the
+                # entry leaves the lane, so a re-read meanwhile never queues it again): after a
+                # crash, only the message under way can be sent twice.
+                if (saving := self._saves.pop(key, None)) is not None:
+                    await asyncio.wait([saving])  # (a failed write is logged by save_soon)
+                if settled:
                     self._pop(lane)
         finally:
             del self._lanes[key]
+            self._saves.pop(key, None)
             self._on_lane_end()
+
+    def _abandon(self, lane: deque[OutboxEntry]) -> None:
+        """Leave the lane's entries to the process that now holds it (they stay pending)."""
+        while lane:
+            entry = lane[0]
+            resolve(self._receipts.pop(entry.id, None), ELSEWHERE)
+            self._pop(lane)
 
     def _pop(self, lane: deque[OutboxEntry]) -> None:
         entry = lane.popleft()
@@ -201,7 +228,9 @@ class Lanes:
         entry.next_at = now + delay
         entry.updated_at = now
         entry.last_error = error
-        self._store.save_soon(entry)
+        self._saves[(entry.channel, entry.chat_id)] = self._store.save_soon(entry)
+        if retry_after is not None:  # the platform's limit: every process holds back, not only this lane
+            self._ownership.hold(entry.channel, delay)
         log.info("outbox: message %d to %s will retry in %.2fs: %s", entry.id, entry.channel,
                  delay, error)  # fmt: skip
         detail = f"will retry in {delay:.3g} s: {error}"
@@ -212,7 +241,7 @@ class Lanes:
         entry.state = state
         entry.updated_at = time.time()
         entry.last_error = error or entry.last_error
-        self._store.save_soon(entry)
+        self._saves[(entry.channel, entry.chat_id)] = self._store.save_soon(entry)
         if state == State.FAILED:
             log.warning("outbox: message %d to %s failed: %s", entry.id, entry.channel, error)
             receipt = DeliveryReceipt("failed", error)

@@ -1,0 +1,148 @@
+"""`nanobot serve --workers N`: N processes on one port, kept running by a supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from cluster import alive, ask, start, wait_gone, worker_pids, write_config
+from served import free_port
+
+from fake_llm import FakeLLM
+
+
+def test_several_workers_on_sqlite_are_refused_in_one_line(tmp_path: Path) -> None:
+    """`--workers 2` without PostgreSQL exits 2 with one line saying why and what to set."""
+    config = write_config(tmp_path, "http://127.0.0.1:9/v1", free_port())
+    for how in (["--workers", "2"], []):
+        if not how:  # the same from config.json
+            data = orjson.loads(config.read_bytes())
+            data["api"]["workers"] = 3
+            config.write_bytes(orjson.dumps(data))
+        proc = subprocess.run(
+            [sys.executable, "-m", "nanobot", "serve", "-c", str(config), *how],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert "SQLite" in lines[0] and "storage.url = postgresql://" in lines[0]
+        assert ("--workers 2" if how else "api.workers = 3") in lines[0]
+
+
+def test_workers_that_cannot_reach_the_database_end_the_supervisor_with_exit_2(tmp_path: Path) -> None:
+    """When the workers cannot start (database down), `serve --workers` exits 2, password unsaid."""
+    dead = free_port()
+    url = f"postgresql://bot:Unused-Secret-9@127.0.0.1:{dead}/nanobot"
+    config = write_config(tmp_path, "http://127.0.0.1:9/v1", free_port(), storage={"connectTimeout": 3})
+    proc = subprocess.run(
+        [sys.executable, "-m", "nanobot", "serve", "-c", str(config), "--workers", "2", "--storage-url", url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"127.0.0.1:{dead}/nanobot" in proc.stderr and "Unused-Secret" not in proc.stderr
+
+
+def test_a_taken_port_is_one_line_and_no_worker_starts(tmp_path: Path, pg_url: str) -> None:
+    """`serve --workers` on a port another server holds says so at once (it never joins that port)."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = write_config(tmp_path, "http://127.0.0.1:9/v1", port, storage={"url": pg_url})
+        proc = subprocess.run(
+            [sys.executable, "-m", "nanobot", "serve", "-c", str(config), "--workers", "2"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and lines == [
+        f"nanobot: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]
+
+
+@pytest.mark.timeout(180)
+async def test_workers_share_one_port_and_a_killed_worker_is_replaced(
+    tmp_path: Path, fake_llm: FakeLLM, pg_url: str
+) -> None:
+    """Three workers answer on one port; one killed with -9 is restarted; SIGTERM stops them all."""
+    llm = fake_llm.url  # type: ignore[attr-defined]
+    port = free_port()
+    config = write_config(tmp_path, llm, port, storage={"url": pg_url})
+    served = await start(config, port, "--workers", "3")
+    try:
+        pids = worker_pids(await served.wait_log("workers ready", within=90))
+        assert len(set(pids)) == 3 and served.proc.pid not in pids
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            answers = await asyncio.gather(*(ask(http, served.url, f"s{i}", f"hi {i}") for i in range(12)))
+            assert answers == [f"echo: hi {i}" for i in range(12)]
+            os.kill(pids[1], signal.SIGKILL)
+            line = await served.wait_log("restarting it in", within=30)
+            assert f"worker 2 (pid {pids[1]}) was killed by SIGKILL; restarting it in 1 s" in line
+            restarted = await served.wait_log("worker 2 restarted", within=90)
+            new_pid = int(re.search(r"pid (\d+)", restarted).group(1))  # type: ignore[union-attr]
+            assert new_pid not in pids and alive(new_pid)
+            # Every session, whichever worker ran it, continues on any of them.
+            answers = await asyncio.gather(*(ask(http, served.url, f"s{i}", f"again {i}") for i in range(12)))
+            assert answers == [f"echo: again {i}" for i in range(12)]
+        history = [m["content"] for m in fake_llm.requests[-1]["messages"] if m["role"] == "user"]
+        assert len(history) == 2 and history[1].startswith("again ")
+        served.terminate()
+        assert await served.exit_code(within=60) == 0, served.log
+        await wait_gone([pids[0], new_pid, pids[2]])
+        assert "Traceback" not in served.log
+    finally:
+        if served.proc.returncode is None:
+            served.proc.kill()
+            await served.proc.wait()
+
+
+@pytest.mark.timeout(120)
+async def test_workers_stop_when_their_supervisor_is_killed(
+    tmp_path: Path, fake_llm: FakeLLM, pg_url: str
+) -> None:
+    """kill -9 of the supervisor leaves no worker behind holding the port."""
+    llm = fake_llm.url  # type: ignore[attr-defined]
+    port = free_port()
+    config = write_config(tmp_path, llm, port, storage={"url": pg_url})
+    served = await start(config, port, "--workers", "2")
+    try:
+        pids = worker_pids(await served.wait_log("workers ready", within=90))
+        served.proc.kill()
+        await served.proc.wait()
+        await wait_gone(pids)
+    finally:
+        if served.proc.returncode is None:
+            served.proc.kill()
+            await served.proc.wait()
+        for pid in pids if "pids" in locals() else []:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_storage_url_flag_overrides_the_config_and_is_never_printed(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """`--storage-url` replaces storage.url; start-up names the database without its password."""
+    port = free_port()
+    config = write_config(tmp_path, "http://127.0.0.1:9/v1", port, storage={"url": "sqlite"})
+    served = await start(config, port, "--storage-url", pg_url)
+    try:
+        line = await served.wait_log("storage: postgresql://", within=60)
+        assert "storage: postgresql://127.0.0.1:" in line
+        served.terminate()
+        assert await served.exit_code(within=30) == 0, served.log
+        assert "pg-Secret" not in served.log
+    finally:
+        if served.proc.returncode is None:
+            served.proc.kill()
+            await served.proc.wait()
