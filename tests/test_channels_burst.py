@@ -9,7 +9,8 @@ from pathlib import Path
 from aiohttp.test_utils import TestServer
 
 from nanobot.bus import MessageBus, OutboundKind, OutboundMessage
-from nanobot.delivery.outbox import State, connect, select
+from nanobot.storage.outbox import State
+from nanobot.storage.sqlite.outbox import connect, select
 
 from fake_platforms import FakeTelegram, make_config, running
 

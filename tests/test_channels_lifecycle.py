@@ -18,7 +18,8 @@ from nanobot.bus import MessageBus, OutboundMessage
 from nanobot.channels.api import ApiChannel
 from nanobot.config import Config
 from nanobot.delivery.manager import build_channel_manager
-from nanobot.delivery.outbox import NewMessage, OutboxStore, State, connect, select
+from nanobot.storage.outbox import NewMessage, State
+from nanobot.storage.sqlite.outbox import OutboxStore, connect, select
 from nanobot.tools import MessageTool, ToolContext
 
 from fake_platforms import Failure, FakeTelegram, make_config, running

@@ -18,8 +18,9 @@ from aiohttp.test_utils import TestServer
 from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessage
 from nanobot.config import Config, parse_config
 from nanobot.delivery.lifecycle import PID_FILE
-from nanobot.delivery.outbox import OutboxEntry, State, connect, select
 from nanobot.delivery.outbox_cli import outbox_command
+from nanobot.storage.outbox import OutboxEntry, State
+from nanobot.storage.sqlite.outbox import connect, select
 
 import fake_platforms as fp
 from fake_llm import FakeLLM

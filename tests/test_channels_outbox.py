@@ -15,9 +15,10 @@ from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessa
 from nanobot.channels.api import ApiChannel
 from nanobot.config import Config
 from nanobot.delivery.manager import APOLOGY, ChannelManager, build_channel_manager
-from nanobot.delivery.outbox import NewMessage, OutboxStore, State, connect, select
 from nanobot.delivery.outbox_cli import outbox_command
 from nanobot.errors import ProviderError
+from nanobot.storage.outbox import NewMessage, State
+from nanobot.storage.sqlite.outbox import OutboxStore, connect, select
 from test_group_commit import wal_commits
 
 from fake_platforms import Failure, FakeTelegram, make_config, running

@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestServer
 from nanobot.bus import DeliveryReceipt, InboundMessage, MessageBus, OutboundKind, OutboundMessage
 from nanobot.channels.telegram import TelegramChannel
 from nanobot.config import Config, TelegramConfig
-from nanobot.delivery.outbox import State, connect, select
+from nanobot.storage.outbox import State
+from nanobot.storage.sqlite.outbox import connect, select
 
 from fake_platforms import TELEGRAM_TOKEN, Failure, FakeTelegram, make_config, running
 

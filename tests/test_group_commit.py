@@ -69,7 +69,8 @@ async def test_a_turn_that_cannot_be_stored_leaves_no_trace(tmp_path: Path) -> N
 async def test_concurrent_outbox_messages_share_commits(tmp_path: Path) -> None:
     """The outbox goes through the same group-commit writer: 200 messages enqueued at once cost far
     fewer than 200 transactions, and each one is stored."""
-    from nanobot.delivery.outbox import NewMessage, OutboxStore
+    from nanobot.storage.outbox import NewMessage
+    from nanobot.storage.sqlite.outbox import OutboxStore
 
     store = OutboxStore(tmp_path / "outbox.db")
     await store.open()

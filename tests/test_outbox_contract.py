@@ -18,9 +18,10 @@ from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessa
 from nanobot.channels.api import ApiChannel
 from nanobot.config import Config, StorageConfig
 from nanobot.delivery.manager import ChannelManager, build_channel_manager
-from nanobot.delivery.outbox import NewMessage, Outbox, OutboxStore, State
 from nanobot.delivery.ownership import LaneOwnership, OneProcess
+from nanobot.storage.outbox import NewMessage, Outbox, State
 from nanobot.storage.postgres import PgOutbox, PgStorage
+from nanobot.storage.sqlite.outbox import OutboxStore
 
 from fake_platforms import FakeTelegram, make_config
 

@@ -18,7 +18,7 @@ from nanobot.bus import DeliveryReceipt, MessageBus, OutboundMessage
 from nanobot.channels.api import ApiChannel
 from nanobot.config import Config, StorageConfig
 from nanobot.delivery.manager import ChannelManager, build_channel_manager
-from nanobot.delivery.outbox import NewMessage, State
+from nanobot.storage.outbox import NewMessage, State
 from nanobot.storage.postgres import PgOutbox, PgStorage
 
 from fake_platforms import FakeTelegram, make_config

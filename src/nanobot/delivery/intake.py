@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Set
 from nanobot.bus import DeliveryReceipt, OutboundKind, OutboundMessage
 from nanobot.channels.base import Channel
 from nanobot.delivery.lanes import ELSEWHERE, Lanes, resolve
-from nanobot.delivery.outbox import NewMessage, Outbox, OutboxEntry, State
 from nanobot.delivery.ownership import LaneOwnership
+from nanobot.storage.outbox import NewMessage, Outbox, OutboxEntry, State
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Mapping
 from nanobot.bus import DeliveryReceipt, OutboundKind, OutboundMessage
 from nanobot.channels.base import Channel
 from nanobot.delivery.lifecycle import RetryPolicy
-from nanobot.delivery.outbox import Outbox, OutboxEntry, State
 from nanobot.delivery.ownership import LaneOwnership, OneProcess
 from nanobot.errors import ChannelPermanentError, ChannelRetryableError
+from nanobot.storage.outbox import Outbox, OutboxEntry, State
 
 log = logging.getLogger(__name__)
 

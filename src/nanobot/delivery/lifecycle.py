@@ -30,8 +30,8 @@ from pathlib import Path
 
 from nanobot.channels.base import Channel
 from nanobot.config import ChannelsConfig
-from nanobot.delivery.outbox import OutboxEntry
 from nanobot.errors import ChannelError, ChannelRetryableError
+from nanobot.storage.outbox import OutboxEntry
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,12 @@ from nanobot.config import ChannelsConfig, Config
 from nanobot.delivery.intake import APOLOGY, SHUTTING_DOWN, Intake
 from nanobot.delivery.lanes import Lanes, resolve
 from nanobot.delivery.lifecycle import RetryPolicy, keep_starting, try_start
-from nanobot.delivery.outbox import Outbox, OutboxEntry, OutboxStore
 from nanobot.delivery.ownership import LaneOwnership, OneProcess
 from nanobot.delivery.rereads import Rereads
 from nanobot.errors import ChannelError
 from nanobot.health import StorageHealth
+from nanobot.storage.outbox import Outbox, OutboxEntry
+from nanobot.storage.sqlite.outbox import OutboxStore
 
 __all__ = ["APOLOGY", "SHUTTING_DOWN", "ChannelManager", "build_channel_manager"]
 

@@ -23,8 +23,9 @@ from typing import TextIO
 
 from nanobot.config import Config, StorageConfig, safe_url
 from nanobot.delivery.lifecycle import notify_server
-from nanobot.delivery.outbox import OutboxEntry, State, connect, select
 from nanobot.errors import StorageError
+from nanobot.storage.outbox import OutboxEntry, State
+from nanobot.storage.sqlite.outbox import connect, select
 
 USAGE = "usage: nanobot outbox list [--all] | retry ID | drop ID"
 _PREVIEW = 40

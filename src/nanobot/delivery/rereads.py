@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from nanobot.delivery.lanes import Lanes
 from nanobot.delivery.lifecycle import reconcile
-from nanobot.delivery.outbox import Outbox, OutboxEntry
+from nanobot.storage.outbox import Outbox, OutboxEntry
 
 log = logging.getLogger(__name__)
 

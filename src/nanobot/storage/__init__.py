@@ -18,7 +18,7 @@ from nanobot.health import Readiness
 from nanobot.storage.sessions import SessionStore
 
 if TYPE_CHECKING:  # (the outbox module imports the SQLite writer from this package)
-    from nanobot.delivery.outbox import Outbox
+    from nanobot.storage.outbox import Outbox
 
 
 async def _nothing() -> None:
@@ -51,7 +51,7 @@ async def open_storage(config: Config, health: Readiness) -> Storage:
     """The stores ``storage.url`` names: the workspace's SQLite files (absent or ``"sqlite"``),
     or the shared PostgreSQL database (migrated at start). Each store flips its slot in
     ``health`` (``/health/ready``)."""
-    from nanobot.delivery.outbox import OutboxStore
+    from nanobot.storage.sqlite.outbox import OutboxStore
 
     defaults = config.agents.defaults
     if not config.storage.is_postgres:

@@ -36,9 +36,9 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from nanobot.config import StorageConfig
-from nanobot.delivery.outbox import DELIVERED_KEEP_SECONDS, NewMessage, OutboxEntry, State
 from nanobot.errors import StorageError
 from nanobot.health import StorageHealth
+from nanobot.storage.outbox import DELIVERED_KEEP_SECONDS, NewMessage, OutboxEntry, State
 from nanobot.storage.postgres import outbox_sql as sql
 from nanobot.storage.postgres.connect import DRIVER_ERRORS, reason, storage_errors
 
@@ -57,7 +57,7 @@ def _clean(text: str) -> str:
 
 
 class PgOutbox:
-    """The :class:`~nanobot.delivery.outbox.Outbox` and
+    """The :class:`~nanobot.storage.outbox.Outbox` and
     :class:`~nanobot.delivery.ownership.LaneOwnership` of one process on a shared database."""
 
     def __init__(

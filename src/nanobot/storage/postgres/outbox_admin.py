@@ -13,8 +13,8 @@ import time
 import asyncpg
 
 from nanobot.config import StorageConfig
-from nanobot.delivery.outbox import OutboxEntry, State
 from nanobot.errors import StorageError
+from nanobot.storage.outbox import OutboxEntry, State
 from nanobot.storage.postgres import outbox_sql as sql
 from nanobot.storage.postgres.connect import describe, reason, storage_errors
 

@@ -1,11 +1,5 @@
-"""The durable outbox: every message for a chat platform, in SQLite, before it is sent.
-
-States::
-
-    pending ──► delivered
-       │  └───► failed      (a permanent error, or ``maxAttempts`` used up; last error kept)
-       └──◄──► held         (its channel is not enabled; never sent while it stays disabled)
-               held ──► expired   (older than ``heldMaxAgeSeconds`` when its channel comes back)
+"""The durable outbox on SQLite: every message for a chat platform, stored before it is sent
+(the values, states and the Protocol: :mod:`nanobot.storage.outbox`).
 
 The file is ``<workspace>/outbox.db`` in WAL mode. All SQLite work runs on one dedicated
 writer thread, never on the event loop. The thread does *group commit*: it takes every
@@ -22,22 +16,20 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 import orjson
 
 from nanobot.errors import StorageError
 from nanobot.health import StorageHealth
+from nanobot.storage.outbox import DELIVERED_KEEP_SECONDS, NewMessage, OutboxEntry, State
 from nanobot.storage.sqlite.writer import SqliteWriter, WriterOptions
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DELIVERED_KEEP_SECONDS = 7 * 86400.0  # delivered rows are pruned at start after a week
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -63,55 +55,6 @@ _COLUMNS = (
     "id, uid, channel, chat_id, kind, content, metadata, state, attempts, parts_done, "
     "created_at, updated_at, next_at, last_error"
 )
-
-
-class State(StrEnum):
-    """Where an outbox entry is in its life."""
-
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-    HELD = "held"
-    EXPIRED = "expired"
-
-
-@dataclass(slots=True)
-class OutboxEntry:
-    """One stored outbound message. Mutable: the delivery loop updates it, then saves it."""
-
-    id: int
-    uid: str  # random and stable: the seed of idempotency keys (Discord nonces)
-    channel: str
-    chat_id: str
-    kind: str
-    content: str
-    metadata: dict[str, str] = field(default_factory=dict)
-    state: State = State.PENDING
-    attempts: int = 0
-    parts_done: int = 0
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    next_at: float = 0.0
-    last_error: str = ""
-
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> OutboxEntry:
-        """Build from a ``SELECT {_COLUMNS}`` row."""
-        id_, uid, channel, chat_id, kind, content, meta, state, *progress = row
-        metadata = orjson.loads(meta) if meta else {}
-        return cls(id_, uid, channel, chat_id, kind, content, metadata, State(state), *progress)
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """A message to store: where it goes, what it says, and whether its channel is enabled."""
-
-    channel: str
-    chat_id: str
-    kind: str
-    content: str
-    metadata: dict[str, str]
-    held: bool = False
 
 
 # --------------------------------------------------------------------------- synchronous core
@@ -215,38 +158,6 @@ def select(conn: sqlite3.Connection, states: Iterable[State] | None = None) -> l
         sql = f"SELECT {_COLUMNS} FROM outbox WHERE state IN ({marks}) ORDER BY id"
         rows = conn.execute(sql, wanted).fetchall()
     return [OutboxEntry.from_row(row) for row in rows]
-
-
-# --------------------------------------------------------------------------- the interface
-
-
-class Outbox(Protocol):
-    """What the delivery manager needs from outbox storage: :class:`OutboxStore` (SQLite, one
-    process) or :class:`~nanobot.storage.postgres.PgOutbox` (shared by many processes; there
-    ``recover`` returns only the pending entries of the chat lanes this process holds)."""
-
-    @property
-    def is_open(self) -> bool:
-        """True between ``open`` and ``close``."""
-
-    async def open(self) -> None:
-        """Make the storage ready."""
-
-    async def close(self) -> None:
-        """Finish pending writes and release the storage."""
-
-    async def add(self, messages: list[NewMessage]) -> list[OutboxEntry]:
-        """Store new messages durably; returns them with their ids."""
-
-    def save_soon(self, entry: OutboxEntry) -> asyncio.Future[None]:
-        """Write back delivery progress without waiting for it."""
-
-    async def recover(self, enabled: frozenset[str], held_max_age: float) -> list[OutboxEntry]:
-        """Settle held and pending entries (at start, and at each re-read); return the pending
-        ones this process delivers, oldest first."""
-
-    async def counts(self) -> dict[str, int]:
-        """Entries per state, ``delivered`` left out (for /metrics)."""
 
 
 # --------------------------------------------------------------------------- the SQLite store
