@@ -89,11 +89,20 @@ class PgTurnLeases:
         process. Renewed while held; given back on leaving (unless the turn's write did)."""
         lease = await self.acquire(key, self._name, self._ttl)
         held = _held.set(lease)
-        renewing = asyncio.create_task(self._renew(lease), name="nanobot-lease-renew")
+        # A timer, not a task, until the first renewal is due: most turns end long before it, and
+        # a task per turn (created, then cancelled) is a measurable share of a turn's cost.
+        renewing: list[asyncio.Task[None]] = []
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(
+            self._ttl / 3,
+            lambda: renewing.append(loop.create_task(self._renew(lease), name="nanobot-lease-renew")),
+        )
         try:
             yield
         finally:
-            renewing.cancel()
+            timer.cancel()
+            for task in renewing:
+                task.cancel()
             _held.reset(held)
             if not lease.released:
                 # Shielded: a cancelled turn still frees its session at once rather than at expiry.
@@ -109,21 +118,20 @@ class PgTurnLeases:
         return lease if lease is not None and lease.key == key else None
 
     async def _renew(self, lease: Lease) -> None:
-        """Keep the lease while the turn runs; once lost, the turn's write will be refused."""
-        while True:
-            await asyncio.sleep(self._ttl / 3)
-            if lease.released:
-                return
+        """Keep the lease while the turn runs (from a third of its time on, then every third);
+        once lost, the turn's write will be refused."""
+        while not lease.released:
             try:
                 held = await self.renew(lease.key, lease.token, self._ttl)
             except StorageError as exc:
                 log.warning("session lease not renewed: %s", exc)
-                continue
+                held = True  # (unknown: try again at the next third)
             if not held and not lease.released:
                 log.warning(
                     "session %r: lease lost to another holder; this turn will not be saved", lease.key
                 )
                 return
+            await asyncio.sleep(self._ttl / 3)
 
     async def acquire(self, key: str, holder: str, ttl: float) -> Lease:
         """Wait for ``key``'s lease and take it for ``ttl`` seconds; its fencing token, and the
