@@ -34,6 +34,8 @@ from nanobot.bus import MessageBus
 from nanobot.channels.api import ApiChannel
 from nanobot.config import Config, parse_config
 from nanobot.delivery.manager import ChannelManager, build_channel_manager
+from nanobot.delivery.ownership import LaneOwnership
+from nanobot.storage.outbox import Outbox
 
 TELEGRAM_TOKEN = "123456:SECRET-telegram-token-abc"
 DISCORD_TOKEN = "SECRET.discord.token-xyz"
@@ -585,10 +587,15 @@ def make_config(
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config, bus: MessageBus | None = None) -> AsyncIterator[ChannelManager]:
-    """Build, start and run a ChannelManager the way runtime.py does; stop it on exit."""
+async def running(
+    config: Config, bus: MessageBus | None = None, outbox: tuple[Outbox, LaneOwnership] | None = None
+) -> AsyncIterator[ChannelManager]:
+    """Build, start and run a ChannelManager the way runtime.py does (on ``outbox`` and its lane
+    ownership when given: another backend's); stop it on exit."""
     bus = bus if bus is not None else MessageBus()
     manager = build_channel_manager(config, bus, ApiChannel())
+    if outbox is not None:
+        manager.use_outbox(*outbox)
     await manager.start()
     task = asyncio.create_task(manager.run())
     try:

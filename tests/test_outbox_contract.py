@@ -7,7 +7,6 @@ order per chat, NUL characters) behave the same whichever ``storage.url`` names.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -15,15 +14,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessage
-from nanobot.channels.api import ApiChannel
-from nanobot.config import Config, StorageConfig
-from nanobot.delivery.manager import ChannelManager, build_channel_manager
+from nanobot.config import StorageConfig
 from nanobot.delivery.ownership import LaneOwnership, OneProcess
 from nanobot.storage.outbox import NewMessage, Outbox, State
 from nanobot.storage.postgres import PgOutbox, PgStorage
 from nanobot.storage.sqlite.outbox import OutboxStore
 
-from fake_platforms import FakeTelegram, make_config
+from fake_platforms import FakeTelegram, make_config, running
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 Backend = Callable[[], Awaitable[tuple[Outbox, LaneOwnership]]]
@@ -96,20 +93,6 @@ async def test_old_held_messages_expire_when_their_channel_returns(backend: Back
 # --------------------------------------------------------------------------- the manager
 
 
-@contextlib.asynccontextmanager
-async def running(config: Config, backend: Backend, bus: MessageBus) -> AsyncIterator[ChannelManager]:
-    """A manager on the backend's outbox, as runtime.py wires it."""
-    manager = build_channel_manager(config, bus, ApiChannel())
-    manager.use_outbox(*await backend())
-    await manager.start()
-    task = asyncio.create_task(manager.run())
-    try:
-        yield manager
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await manager.stop()
 
 
 @pytest.fixture
@@ -125,7 +108,7 @@ async def test_messages_to_many_chats_arrive_once_in_order(
     """300 messages to 6 chats all arrive, once each, in order per chat."""
     fake, url = telegram
     bus = MessageBus()
-    async with running(make_config(tmp_path, telegram=url), backend, bus) as manager:
+    async with running(make_config(tmp_path, telegram=url), bus, await backend()) as manager:
         for i in range(300):
             bus.publish_outbound(OutboundMessage("telegram", str(i % 6), f"m{i}", OutboundKind.MESSAGE))
         await fake.until(lambda: len(fake.sent) >= 300, within=60)
@@ -142,14 +125,14 @@ async def test_nul_characters_are_dropped_not_fatal(
     fake, url = telegram
     bus = MessageBus()
     receipt: asyncio.Future[DeliveryReceipt] = asyncio.get_running_loop().create_future()
-    async with running(make_config(tmp_path), backend, bus) as manager:  # telegram off: held
+    async with running(make_config(tmp_path), bus, await backend()) as manager:  # telegram off: held
         bus.publish_outbound(OutboundMessage("telegram", "7\x00", "nul\x00 here\x00", receipt=receipt,
                                              metadata={"note": "a\x00b"}))  # fmt: skip
         assert (await receipt).status == "queued"
         await manager.wait_idle()
         [stored] = await manager.store.recover(frozenset({"telegram"}), 3600)
     assert (stored.chat_id, stored.content, stored.metadata) == ("7", "nul here", {"note": "ab"})
-    async with running(make_config(tmp_path, telegram=url), backend, bus) as manager:
+    async with running(make_config(tmp_path, telegram=url), bus, await backend()) as manager:
         await fake.until(lambda: len(fake.sent) >= 1)
         await manager.wait_idle()
     assert fake.texts("7") == ["nul here"]
@@ -162,13 +145,13 @@ async def test_held_messages_wait_for_their_channel(
     fake, url = telegram
     bus = MessageBus()
     receipt: asyncio.Future[DeliveryReceipt] = asyncio.get_running_loop().create_future()
-    async with running(make_config(tmp_path), backend, bus) as manager:
+    async with running(make_config(tmp_path), bus, await backend()) as manager:
         bus.publish_outbound(OutboundMessage("telegram", "9", "one", receipt=receipt))
         bus.publish_outbound(OutboundMessage("telegram", "9", "two"))
         assert await receipt == DeliveryReceipt("queued", "channel telegram is not enabled")
         await manager.wait_idle()
     assert fake.send_calls == 0
-    async with running(make_config(tmp_path, telegram=url), backend, bus) as manager:
+    async with running(make_config(tmp_path, telegram=url), bus, await backend()) as manager:
         await fake.until(lambda: len(fake.sent) >= 2)
         await manager.wait_idle()
     assert fake.texts("9") == ["one", "two"]

@@ -6,7 +6,6 @@ Each :class:`PgOutbox` here stands for one process (its own pool and listening c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,13 +14,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from nanobot.bus import DeliveryReceipt, MessageBus, OutboundMessage
-from nanobot.channels.api import ApiChannel
-from nanobot.config import Config, StorageConfig
-from nanobot.delivery.manager import ChannelManager, build_channel_manager
+from nanobot.config import StorageConfig
 from nanobot.storage.outbox import NewMessage, State
 from nanobot.storage.postgres import PgOutbox, PgStorage
 
-from fake_platforms import FakeTelegram, make_config
+from fake_platforms import FakeTelegram, make_config, running
 
 Opener = Callable[..., Awaitable[PgOutbox]]
 TELEGRAM = frozenset({"telegram"})
@@ -143,20 +140,6 @@ async def telegram(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> tupl
     return fake, str(server.make_url("")).rstrip("/")
 
 
-@contextlib.asynccontextmanager
-async def manager_on(outbox: PgOutbox, config: Config, bus: MessageBus) -> AsyncIterator[ChannelManager]:
-    """A delivery manager on ``outbox``, as runtime.py wires it on PostgreSQL."""
-    manager = build_channel_manager(config, bus, ApiChannel())
-    manager.use_outbox(outbox, outbox)
-    await manager.start()
-    task = asyncio.create_task(manager.run())
-    try:
-        yield manager
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await manager.stop()
 
 
 async def test_two_managers_share_the_chats_in_order(
@@ -167,7 +150,8 @@ async def test_two_managers_share_the_chats_in_order(
     fake, url = telegram
     config = make_config(tmp_path, telegram=url)
     buses = MessageBus(), MessageBus()
-    async with manager_on(await process(), config, buses[0]), manager_on(await process(), config, buses[1]):
+    first, second = await process(), await process()
+    async with running(config, buses[0], (first, first)), running(config, buses[1], (second, second)):
         receipts = []
         for i in range(120):  # each committed before the next is published: that is the order
             receipt: asyncio.Future[DeliveryReceipt] = asyncio.get_running_loop().create_future()
