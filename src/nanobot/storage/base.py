@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
+
 from nanobot.errors import StorageError
 
 ChatMessage = dict[str, Any]  # one message in OpenAI chat format (JSON-shaped by nature)
@@ -37,6 +39,36 @@ def damaged_data() -> Iterator[None]:
         yield
     except ValueError as exc:
         raise StorageError(f"damaged data in the session database ({type(exc).__name__}: {exc})") from exc
+
+
+class NewestTurns:
+    """The newest whole turns of a session, read newest first: at most ``max_messages`` messages
+    and about ``max_bytes`` of stored JSON, the newest turn always (both engines' ``read``)."""
+
+    __slots__ = ("_count", "_max_bytes", "_max_messages", "_size", "_turns", "truncated")
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self._turns: list[list[ChatMessage]] = []
+        self._count = self._size = 0
+        self._max_messages, self._max_bytes = max_messages, max_bytes
+        self.truncated = False  # whether older turns were left out
+
+    def take(self, data: bytes) -> bool:
+        """Add the next older turn (its stored JSON); False when it does not fit (stop reading)."""
+        messages: list[ChatMessage] = orjson.loads(data)
+        if self._turns and (
+            self._count + len(messages) > self._max_messages or self._size + len(data) > self._max_bytes
+        ):
+            self.truncated = True
+            return False
+        self._turns.append(messages)
+        self._count += len(messages)
+        self._size += len(data)
+        return True
+
+    def messages(self) -> list[ChatMessage]:
+        """The turns taken, oldest first, as one list of messages."""
+        return [m for turn in reversed(self._turns) for m in turn]
 
 
 class Lease:

@@ -19,7 +19,7 @@ import orjson
 from nanobot.config import StorageConfig
 from nanobot.errors import LeaseLostError, StorageError
 from nanobot.health import StorageHealth
-from nanobot.storage.base import ChatMessage, Lease, SessionInfo, damaged_data
+from nanobot.storage.base import ChatMessage, Lease, NewestTurns, SessionInfo, damaged_data
 from nanobot.storage.postgres.connect import storage_errors
 from nanobot.storage.postgres.leases import CHANNEL
 from nanobot.storage.sqlite import session_table
@@ -151,19 +151,12 @@ class PgSessionBackend:
                 row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM sessions WHERE key = $1", key)
                 if row is None:
                     return None
-                turns: list[list[ChatMessage]] = []
-                count = size = 0
-                truncated = False
+                newest = NewestTurns(max_messages, max_bytes)
                 sql = "SELECT data FROM turns WHERE session = $1 ORDER BY id DESC"
                 async for (data,) in conn.cursor(sql, key, prefetch=16):
-                    messages = orjson.loads(data)
-                    if turns and (count + len(messages) > max_messages or size + len(data) > max_bytes):
-                        truncated = True
+                    if not newest.take(data):
                         break
-                    turns.append(messages)
-                    count += len(messages)
-                    size += len(data)
-        return SessionInfo(*row), [m for turn in reversed(turns) for m in turn], truncated
+        return SessionInfo(*row), newest.messages(), newest.truncated
 
     async def rename(self, key: str, title: str) -> SessionInfo | None:
         """Set an existing session's title; None when there is no such session."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from nanobot.storage.base import SessionInfo
+from nanobot.storage.base import NewestTurns, SessionInfo
 
 SCHEMA_VERSION = 1
 TITLE_CHARS = 60
@@ -155,18 +155,11 @@ def history(
     found = info(db, key)
     if found is None:
         return None
-    turns: list[list[dict[str, Any]]] = []
-    count = size = 0
-    truncated = False
+    newest = NewestTurns(max_messages, max_bytes)
     for (data,) in db.execute("SELECT data FROM turns WHERE session = ? ORDER BY id DESC", (key,)):
-        messages = orjson.loads(data)
-        if turns and (count + len(messages) > max_messages or size + len(data) > max_bytes):
-            truncated = True
+        if not newest.take(data):
             break
-        turns.append(messages)
-        count += len(messages)
-        size += len(data)
-    return found, [m for turn in reversed(turns) for m in turn], truncated
+    return found, newest.messages(), newest.truncated
 
 
 def rename(db: sqlite3.Connection, key: str, title: str) -> SessionInfo | None:
