@@ -33,7 +33,7 @@ import asyncpg
 from nanobot.config import StorageConfig
 from nanobot.errors import StorageError
 from nanobot.storage.base import Lease
-from nanobot.storage.postgres.connect import DRIVER_ERRORS, reason, storage_errors
+from nanobot.storage.postgres.connect import DRIVER_ERRORS, QuickCheckout, reason, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,9 @@ def _digest(key: str) -> str:
 class PgTurnLeases:
     """Session turn leases with fencing tokens, shared by every process on one database."""
 
-    def __init__(self, pool: asyncpg.Pool, config: StorageConfig) -> None:
+    def __init__(self, pool: asyncpg.Pool, config: StorageConfig, quick: QuickCheckout) -> None:
         self._pool = pool
+        self._quick = quick  # (the per-turn statement: taking the lease)
         self._url = config.url
         self._ttl = config.lease_seconds
         self._name = f"{socket.gethostname()}:{os.getpid()}"  # the holder, for diagnostics
@@ -176,7 +177,7 @@ class PgTurnLeases:
 
     async def _try(self, key: str, holder: str, ttl: float) -> tuple[int | None, float | None, int | None]:
         """One attempt; shielded, so a cancelled caller cannot leave a lease nobody knows of."""
-        attempt = asyncio.ensure_future(self._pool.fetchrow(_ACQUIRE, key, holder, ttl))
+        attempt = asyncio.ensure_future(self._quick.fetchrow(_ACQUIRE, key, holder, ttl))
         try:
             with storage_errors("cannot take a session lease", self._url):
                 row = await asyncio.shield(attempt)

@@ -20,7 +20,7 @@ from nanobot.config import StorageConfig
 from nanobot.errors import LeaseLostError, StorageError
 from nanobot.health import StorageHealth
 from nanobot.storage.base import ChatMessage, Lease, NewestTurns, SessionInfo, damaged_data
-from nanobot.storage.postgres.connect import storage_errors
+from nanobot.storage.postgres.connect import QuickCheckout, storage_errors
 from nanobot.storage.postgres.leases import CHANNEL
 from nanobot.storage.sqlite import session_table
 
@@ -62,8 +62,11 @@ def _no_nul(text: str) -> str:
 class PgSessionBackend:
     """Session history on PostgreSQL: every process sees every turn, whichever process ran it."""
 
-    def __init__(self, pool: asyncpg.Pool, config: StorageConfig, health: StorageHealth) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, config: StorageConfig, health: StorageHealth, quick: QuickCheckout
+    ) -> None:
         self._pool = pool
+        self._quick = quick  # (the per-turn statement: writing the turn)
         self._url = config.url
         self._health = health  # flipped by each turn's write, for /health/ready
         self._writes: set[asyncio.Future[int | None]] = set()
@@ -108,7 +111,7 @@ class PgSessionBackend:
     ) -> int | None:
         try:
             with storage_errors("cannot save the conversation", self._url):
-                row = await self._pool.fetchrow(_APPEND, key, data, title, preview, token, release)
+                row = await self._quick.fetchrow(_APPEND, key, data, title, preview, token, release)
         except StorageError:
             self._health.failed()
             raise

@@ -16,7 +16,14 @@ import asyncpg
 
 from nanobot.config import StorageConfig
 from nanobot.health import StorageHealth
-from nanobot.storage.postgres.connect import DRIVER_ERRORS, create_pool, describe, reason, storage_errors
+from nanobot.storage.postgres.connect import (
+    DRIVER_ERRORS,
+    QuickCheckout,
+    create_pool,
+    describe,
+    reason,
+    storage_errors,
+)
 from nanobot.storage.postgres.leases import PgTurnLeases
 from nanobot.storage.postgres.migrations import migrate
 from nanobot.storage.postgres.sessions import PgSessionBackend
@@ -33,8 +40,10 @@ class PgStorage:
         self.pool = pool
         self.schema_found = schema_found  # the version before this start's migrations (0: new)
         self.health = health
-        self.sessions = PgSessionBackend(pool, config, health)
-        self.leases = PgTurnLeases(pool, config)
+        # The two statements of every turn keep up to half the pool between turns.
+        self._quick = QuickCheckout(pool, max(1, config.pool_size // 2))
+        self.sessions = PgSessionBackend(pool, config, health, self._quick)
+        self.leases = PgTurnLeases(pool, config, self._quick)
         self._config = config
         self._probe = asyncio.create_task(self._probing(), name="nanobot-storage-probe")
 
@@ -65,6 +74,7 @@ class PgStorage:
         await asyncio.wait([self._probe])  # (its CancelledError stays its own)
         await self.sessions.close()
         await self.leases.close()
+        await self._quick.close()
         if not self.pool.is_closing():
             await self.pool.close()
         self.health.closed()
