@@ -61,16 +61,18 @@ async def test_a_postgres_write_fault_mid_turn_is_a_503_and_passes(
     """On PostgreSQL, a turn whose write the database refuses (here: a constraint every new turn
     breaks) answers 503 storage_error with Retry-After and the database's reason, no traceback;
     once the database accepts writes again, the same session works and kept no half turn."""
-    url = await start_gateway({"storage": {"url": pg_url}})
+    # (a pool of two: a refused write that kept its connection would leave the next turns none)
+    url = await start_gateway({"storage": {"url": pg_url, "poolSize": 2}})
     admin = await asyncpg.connect(pg_url)
     try:
         fake_llm.push(Step(text="first"))
         assert (await post_chat(url, "s"))[0] == 200
         await admin.execute("ALTER TABLE turns ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
         caplog.clear()
-        fake_llm.push(Step(text="lost"))
-        status, headers, body = await post_chat(url, "s")
-        assert_storage_503(status, headers, body)
+        for _ in range(3):
+            fake_llm.push(Step(text="lost"))
+            status, headers, body = await post_chat(url, "s")
+            assert_storage_503(status, headers, body)
         assert "refuse_all" in body["error"]["message"], body
         assert "Failing row" not in body["error"]["message"] + caplog.text  # (it quotes the turn)
         assert not [r for r in caplog.records if r.exc_info], caplog.text
@@ -78,6 +80,6 @@ async def test_a_postgres_write_fault_mid_turn_is_a_503_and_passes(
         fake_llm.push(Step(text="back"))
         assert (await post_chat(url, "s"))[0] == 200
         sent = [m["content"] for m in fake_llm.requests[-1]["messages"] if m["role"] != "system"]
-        assert sent == ["hello?", "first", "hello?"], sent  # (the refused turn left nothing behind)
+        assert sent == ["hello?", "first", "hello?"], sent  # (the refused turns left nothing behind)
     finally:
         await admin.close()
