@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from nanobot.valueclass import valueclass
+
 if TYPE_CHECKING:
     from nanobot.errors import NanobotError
 
@@ -48,7 +50,7 @@ class ImageInput:
         return f"data:{self.mime};base64,{self.data_b64}"
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass  # built several times per turn: see nanobot.valueclass
 class Usage:
     """Token counts, summed over a turn's LLM calls."""
 
@@ -72,7 +74,7 @@ class Usage:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass  # one per request: see nanobot.valueclass
 class InboundMessage:
     """Something a user said on a channel, for the agent to answer.
 
@@ -118,7 +120,7 @@ class DeliveryReceipt:
         return f"{self.status}: {self.detail}" if self.detail else self.status
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass  # one per reply and per delta: see nanobot.valueclass
 class OutboundMessage:
     """Something the agent says, addressed to ``channel``/``chat_id``.
 

@@ -213,7 +213,7 @@ class AgentLoop:
         self, msg: InboundMessage, prompt: _Prompt, new: list[ChatMessage], on_delta: DeltaCallback | None
     ) -> tuple[str, str, Usage]:
         """Call the model and run its tools until it answers; returns (answer, finish_reason, usage)."""
-        ctx = ToolContext(self._bus, msg.channel, msg.chat_id, msg.request_id)
+        ctx: ToolContext | None = None  # built at the first tool call: most turns make none
         messages = prompt.messages
         usage = Usage()
         limit = self._defaults.max_tool_iterations
@@ -237,6 +237,8 @@ class AgentLoop:
             messages.append(call_msg)
             new.append(call_msg)
             images: list[tuple[str, ToolResult]] = []
+            if ctx is None:
+                ctx = ToolContext(self._bus, msg.channel, msg.chat_id, msg.request_id)
             for call in resp.tool_calls:
                 result = await self._tools.execute(call, ctx) if msg.use_tools else _NO_TOOLS
                 tool_msg: ChatMessage = {"role": "tool", "tool_call_id": call.id, "content": result.text}

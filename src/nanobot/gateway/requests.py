@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from nanobot.attachments import decode_data_url
 from nanobot.errors import RequestError
+from nanobot.valueclass import valueclass
 
 if TYPE_CHECKING:
     from nanobot.gateway.conversation import PastMessage
@@ -29,7 +30,7 @@ class FileInput:
     param: str
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass  # one per request: see nanobot.valueclass
 class ChatRequest:
     """One validated chat-completions request."""
 
