@@ -8,7 +8,7 @@ which the channel manager dispatches to the named channel. The bus knows no chan
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -150,19 +150,37 @@ class MessageBus:
     is attached are handed to it first, so order holds.
     """
 
-    __slots__ = ("_inbound", "_inbound_handler", "_outbound", "_outbound_handler")
+    __slots__ = ("_inbound", "_inbound_handler", "_inbound_runner", "_outbound", "_outbound_handler")
 
     def __init__(self) -> None:
         self._inbound: asyncio.Queue[InboundMessage] = asyncio.Queue()
         self._outbound: asyncio.Queue[OutboundMessage] = asyncio.Queue()
         self._inbound_handler: Callable[[InboundMessage], None] | None = None
+        self._inbound_runner: Callable[[InboundMessage], Awaitable[None]] | None = None
         self._outbound_handler: Callable[[OutboundMessage], None] | None = None
 
-    def attach_inbound(self, handler: Callable[[InboundMessage], None] | None) -> None:
-        """Route inbound messages to ``handler`` as they are published (None: back to the queue)."""
+    def attach_inbound(
+        self,
+        handler: Callable[[InboundMessage], None] | None,
+        runner: Callable[[InboundMessage], Awaitable[None]] | None = None,
+    ) -> None:
+        """Route inbound messages to ``handler`` as they are published (None: back to the queue);
+        ``runner``, when given, handles a message in its publisher's task (:meth:`run_inbound`)."""
         self._inbound_handler = handler
+        self._inbound_runner = runner if handler is not None else None
         while handler is not None and not self._inbound.empty():
             handler(self._inbound.get_nowait())
+
+    async def run_inbound(self, msg: InboundMessage) -> None:
+        """Hand a message to the agent, for a publisher that waits for the answer anyway: with a
+        runner attached the message is handled in the calling task, and this returns once it
+        is (cancelling the caller cancels the turn); otherwise it is published as by
+        :meth:`publish_inbound` and this returns at once."""
+        runner = self._inbound_runner
+        if runner is None:
+            self.publish_inbound(msg)
+        else:
+            await runner(msg)
 
     def attach_outbound(self, handler: Callable[[OutboundMessage], None] | None) -> None:
         """Route outbound messages to ``handler`` as they are published (None: back to the queue)."""

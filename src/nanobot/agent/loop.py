@@ -1,5 +1,8 @@
 """The agent loop: consumes the bus, runs one task per turn, publishes what it says.
 
+A turn whose caller waits for its answer anyway (a non-streaming API request) runs in the
+caller's task instead (:meth:`AgentLoop.serve`), with the same deadline and cancellation.
+
 A turn is: system prompt + bounded session history + the new user message → the
 provider, with the registered tools; tool calls run and the loop repeats until a final
 answer or ``maxToolIterations``; then the whole turn is persisted at once. Turns on one
@@ -55,7 +58,7 @@ class StreamPressure(Protocol):
 
 
 class AgentLoop:
-    """Turns inbound messages into answers, one asyncio task per turn."""
+    """Turns inbound messages into answers, one asyncio task per turn (or the caller's: :meth:`serve`)."""
 
     def __init__(
         self,
@@ -76,9 +79,10 @@ class AgentLoop:
         self._defaults = defaults
         self._turn_timeout = turn_timeout
         self._system: ChatMessage = {"role": "system", "content": defaults.system_prompt}
-        self._running: dict[str, asyncio.Task[None]] = {}
-        self._expired: set[asyncio.Task[None]] = set()  # turns cancelled by their deadline
+        self._running: dict[str, asyncio.Task[Any]] = {}  # the tasks running turns, by request id
+        self._expired: set[asyncio.Task[Any]] = set()  # turns cancelled by their deadline
         self._pressure = pressure
+        self._event_loop: asyncio.AbstractEventLoop | None = None  # learnt when run() starts
         self._metrics = metrics or Metrics()
 
     @property
@@ -90,9 +94,11 @@ class AgentLoop:
         """Take inbound messages until cancelled; on cancellation every running turn is cancelled too.
 
         Each message is routed as it is published (a turn task, or a cancellation): the bus
-        calls :meth:`route` directly, so no task sits between a request and its turn.
+        calls :meth:`route` directly, so no task sits between a request and its turn; a caller
+        that waits for the answer anyway has the turn run in its own task (:meth:`serve`).
         """
-        self._bus.attach_inbound(self.route)
+        self._event_loop = asyncio.get_running_loop()  # (each get_running_loop() is a getpid() call)
+        self._bus.attach_inbound(self.route, self.serve)
         try:
             await asyncio.get_running_loop().create_future()  # until cancelled
         finally:
@@ -115,7 +121,7 @@ class AgentLoop:
         # The deadline is one timer handle, not an asyncio.timeout() per turn: on the hot path
         # that context manager (its object, current_task lookups, rescheduling) cost as much
         # as the rest of the turn's bookkeeping.
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop or asyncio.get_running_loop()
         task = loop.create_task(self._turn(msg))
         key = msg.request_id or f"task-{id(task)}"
         self._running[key] = task
@@ -128,7 +134,31 @@ class AgentLoop:
 
         task.add_done_callback(done)
 
-    def _expire(self, task: asyncio.Task[None]) -> None:
+    async def serve(self, msg: InboundMessage) -> None:
+        """Run ``msg``'s turn in the calling task; return once it is answered (or has failed).
+
+        For a caller that waits for the answer anyway (a non-streaming API request): no task of
+        the turn's own and no wake-up between the turn and its caller, about 30k instructions
+        per request. The turn behaves as in its own task: cancelling the caller cancels it, its
+        deadline cancels the caller's task and answers with a timeout, it counts as running.
+        """
+        if msg.kind is InboundKind.CANCEL:
+            self.route(msg)
+            return
+        loop = self._event_loop or asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None  # (a coroutine awaited on a running loop runs in a task)
+        key = msg.request_id or f"task-{id(task)}"
+        self._running[key] = task
+        deadline = loop.call_later(self._turn_timeout, self._expire, task)
+        try:
+            await self._turn(msg)
+        finally:
+            deadline.cancel()
+            self._running.pop(key, None)
+            self._expired.discard(task)
+
+    def _expire(self, task: asyncio.Task[Any]) -> None:
         self._expired.add(task)
         task.cancel()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from nanobot.bus import OutboundKind, OutboundMessage
 from nanobot.channels.base import Channel
@@ -30,6 +31,7 @@ class Reply:
         "_chars",
         "_loop",
         "_room",
+        "_turn_task",
         "_waiter",
         "end",
         "events",
@@ -53,6 +55,7 @@ class Reply:
         self.keepalive_due = False
         self._waiter: asyncio.Future[None] | None = None  # the request, waiting for output
         self._room: asyncio.Future[None] | None = None  # the agent, waiting for the reader
+        self._turn_task: asyncio.Task[Any] | None = None  # the request's task, when the turn runs in it
 
     def put(self, msg: OutboundMessage) -> None:
         """Take one message from the agent (never blocks)."""
@@ -77,6 +80,16 @@ class Reply:
         if self.end is None and self.refused is None:
             self.refused = error
             self._wake()
+            if self._turn_task is not None:  # the turn runs in the request's task: stop it there
+                self._turn_task.cancel()
+
+    def turn_runs_here(self) -> asyncio.Task[Any]:
+        """The turn runs in the calling task, the request's (``MessageBus.run_inbound``): a
+        refusal cancels that task, and the request answers with the refusal. Returns the task."""
+        task = asyncio.current_task(self._loop)
+        assert task is not None  # (called from a request handler)
+        self._turn_task = task
+        return task
 
     def ask_keepalive(self) -> None:
         """The stream has been quiet: ask the request to write a keep-alive comment."""

@@ -152,13 +152,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         turn = new_id("turn_")
         msg = await build_inbound(chat, turn, state.limits)
         reply = api.open(turn, chat.stream, chat.tool_events)
-        state.bus.publish_inbound(msg)
         finished = False
         try:
             if chat.stream:
+                state.bus.publish_inbound(msg)  # the turn runs in its own task: this one writes
                 resp, finished = await _stream(request, state, chat, reply, rid)
                 return resp
-            resp = await _complete(state, reply)
+            resp = await _complete(state, msg, reply)
             finished = True
             return resp
         finally:
@@ -175,8 +175,17 @@ def _completion_id() -> str:
     return new_id("chatcmpl-")
 
 
-async def _complete(state: GatewayState, reply: Reply) -> web.Response:
-    await reply.wait()
+async def _complete(state: GatewayState, msg: InboundMessage, reply: Reply) -> web.Response:
+    """Run the turn in this task (no task of its own: see ``AgentLoop.serve``), answer with JSON."""
+    task = reply.turn_runs_here()
+    try:
+        await state.bus.run_inbound(msg)
+        await reply.wait()  # (at once, unless the bus has no runner and queued the message)
+    except asyncio.CancelledError:
+        # A refusal at shutdown cancels the turn here (Reply.refuse): answer it with its 503,
+        # unless this task was cancelled for another reason too (the client left).
+        if reply.refused is None or task.uncancel() > 0:
+            raise
     if reply.refused is not None:
         raise reply.refused
     out = reply.end
