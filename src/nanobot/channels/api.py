@@ -40,10 +40,14 @@ class Reply:
         "refused",
         "stream",
         "tool_events",
+        "turn",
     )
 
-    def __init__(self, stream: bool, loop: asyncio.AbstractEventLoop, tool_events: bool = False) -> None:
+    def __init__(
+        self, stream: bool, loop: asyncio.AbstractEventLoop, tool_events: bool = False, turn: str = ""
+    ) -> None:
         self._loop = loop
+        self.turn = turn  # the request id of the turn it waits for
         self.stream = stream
         self.tool_events = stream and tool_events  # the request asked for tool progress events
         self.pieces: list[str] = []  # text not yet taken, oldest first
@@ -106,6 +110,10 @@ class Reply:
             return True
         # A stream writes text and keep-alives as they come; a JSON answer waits for the end.
         return self.stream and (bool(self.pieces) or bool(self.events) or self.keepalive_due)
+
+    def answered(self) -> bool:
+        """Whether the turn has ended (or the request was refused): nothing more will come."""
+        return self.end is not None or self.refused is not None
 
     async def wait(self) -> None:
         """Wait until there is something to write: text or a keep-alive (streams), or the end."""
@@ -231,7 +239,7 @@ class ApiChannel(Channel):
         loop = self._loop
         if loop is None:  # (each get_running_loop() is a getpid() system call: once is enough)
             loop = self._loop = asyncio.get_running_loop()
-        reply = self._waiting[request_id] = Reply(stream, loop, tool_events)
+        reply = self._waiting[request_id] = Reply(stream, loop, tool_events, request_id)
         return reply
 
     def close(self, request_id: str) -> None:

@@ -20,7 +20,7 @@ from nanobot.gateway.multipart import form_stream, read_multipart
 from nanobot.gateway.requests import ChatRequest, FileInput, check_model, check_session_id, parse_chat_request
 from nanobot.gateway.sse import DONE, KEEP_ALIVE, ChunkWriter, error_event, tool_event
 from nanobot.gateway.state import STATE, GatewayState
-from nanobot.gateway.uploads import build_inbound
+from nanobot.gateway.uploads import build_inbound, inbound_message
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         rid: str = request[REQUEST_ID]
         # Replies are routed by our own id: a client may send the same x-request-id twice.
         turn = new_id("turn_")
-        msg = await build_inbound(chat, turn, state.limits)
+        if chat.files or chat.history is not None:
+            msg = await build_inbound(chat, turn, state.limits)
+        else:
+            msg = inbound_message(chat, turn)  # (no coroutine for the usual, text-only request)
         reply = api.open(turn, chat.stream, chat.tool_events)
         finished = False
         try:
@@ -171,8 +174,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         api.release()
 
 
-def _completion_id() -> str:
-    return new_id("chatcmpl-")
+def _completion_id(turn: str) -> str:
+    """The turn's own number (unique as its id is) as a completion id: ``chatcmpl-…``."""
+    return "chatcmpl-" + turn[5:]  # (after "turn_")
 
 
 async def _complete(state: GatewayState, msg: InboundMessage, reply: Reply) -> web.Response:
@@ -180,7 +184,8 @@ async def _complete(state: GatewayState, msg: InboundMessage, reply: Reply) -> w
     task = reply.turn_runs_here()
     try:
         await state.bus.run_inbound(msg)
-        await reply.wait()  # (at once, unless the bus has no runner and queued the message)
+        if not reply.answered():  # (it is, unless the bus has no runner and queued the message)
+            await reply.wait()
     except asyncio.CancelledError:
         # A refusal at shutdown cancels the turn here (Reply.refuse): answer it with its 503,
         # unless this task was cancelled for another reason too (the client left).
@@ -198,7 +203,7 @@ async def _complete(state: GatewayState, msg: InboundMessage, reply: Reply) -> w
         out.usage.as_dict() if out.usage else {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     )
     body = {
-        "id": _completion_id(),
+        "id": _completion_id(msg.request_id),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": state.model,
@@ -295,7 +300,7 @@ async def _stream(
 ) -> tuple[web.StreamResponse, bool]:
     """Relay the turn as SSE; returns the response and whether the turn reached its end."""
     resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": rid})
-    writer = ChunkWriter(_completion_id(), int(time.time()), state.model)
+    writer = ChunkWriter(_completion_id(reply.turn), int(time.time()), state.model)
     try:
         await resp.prepare(request)  # (the client may already be gone)
     except ConnectionResetError:

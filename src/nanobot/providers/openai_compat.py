@@ -271,15 +271,21 @@ def _parse_completion(data: dict[str, Any]) -> LLMResponse:
         return LLMResponse(usage=usage)
     choice = choices[0]
     message = choice.get("message") or {}
-    calls = tuple(
+    wanted = message.get("tool_calls")
+    calls = _tool_calls(wanted) if wanted else ()
+    # Positional: a class called with keywords builds a dict of them (~450 instructions each).
+    return LLMResponse(
+        message.get("content") or "",
+        calls,
+        choice.get("finish_reason") or ("tool_calls" if calls else "stop"),
+        usage,
+    )
+
+
+def _tool_calls(calls: list[dict[str, Any]]) -> tuple[ToolCall, ...]:
+    return tuple(
         ToolCall(
             str(c.get("id") or f"call_{i}"), c["function"]["name"], c["function"].get("arguments") or "{}"
         )
-        for i, c in enumerate(message.get("tool_calls") or ())
-    )
-    return LLMResponse(
-        content=message.get("content") or "",
-        tool_calls=calls,
-        finish_reason=choice.get("finish_reason") or ("tool_calls" if calls else "stop"),
-        usage=usage,
+        for i, c in enumerate(calls)
     )
