@@ -12,7 +12,7 @@ async def test_without_a_runner_the_message_is_queued_for_the_consumer() -> None
     """A bus nobody runs turns on (the agent not started) queues the message, as publish does."""
     bus = MessageBus()
     msg = InboundMessage("api", "s", "hi", request_id="t1")
-    await bus.run_inbound(msg)
+    assert bus.run_inbound(msg) is None
     assert await asyncio.wait_for(bus.consume_inbound(), 5) is msg
 
 
@@ -33,12 +33,18 @@ async def test_the_runner_runs_in_the_callers_task_and_its_cancellation_reaches_
             raise
 
     bus.attach_inbound(lambda _msg: None, runner)
-    caller = asyncio.create_task(bus.run_inbound(InboundMessage("api", "s", "hi", request_id="t2")))
+    running = bus.run_inbound(InboundMessage("api", "s", "hi", request_id="t2"))
+    assert running is not None
+
+    async def request() -> None:
+        await running
+
+    caller = asyncio.create_task(request())
     await asyncio.wait_for(started.wait(), 5)
     assert ran_in == [caller]
     caller.cancel()
     await asyncio.wait([caller], timeout=5)
     assert caller.cancelled() and stopped == ["t2"]
     bus.attach_inbound(None)  # detached: back to the queue
-    await bus.run_inbound(InboundMessage("api", "s", "again"))
+    assert bus.run_inbound(InboundMessage("api", "s", "again")) is None
     assert (await asyncio.wait_for(bus.consume_inbound(), 5)).content == "again"

@@ -227,16 +227,10 @@ class AgentLoop:
             new.append({"role": "assistant", "content": answer})
             if given is None:
                 await self._sessions.append_turn(key, new)
+        # Positional: a class called with keywords builds a dict of them (~450 instructions each).
+        reply = OutboundKind.REPLY
         bus.publish_outbound(
-            OutboundMessage(
-                msg.channel,
-                msg.chat_id,
-                answer,
-                OutboundKind.REPLY,
-                msg.request_id,
-                usage=usage,
-                finish_reason=finish,
-            )
+            OutboundMessage(msg.channel, msg.chat_id, answer, reply, msg.request_id, usage, finish)
         )
 
     async def _loop(
@@ -245,11 +239,11 @@ class AgentLoop:
         """Call the model and run its tools until it answers; returns (answer, finish_reason, usage)."""
         ctx: ToolContext | None = None  # built at the first tool call: most turns make none
         messages = prompt.messages
-        usage = Usage()
+        usage: Usage | None = None
         limit = self._defaults.max_tool_iterations
         for i in range(limit):
             resp = await self._ask(msg, prompt, on_delta)
-            usage = usage + resp.usage
+            usage = resp.usage if usage is None else usage + resp.usage
             if not resp.tool_calls:
                 if i == 0 and not resp.content:
                     raise ProviderError(
@@ -283,7 +277,7 @@ class AgentLoop:
         answer = f"(stopped after {limit} tool iterations without a final answer)"
         if on_delta is not None:
             await _relay(on_delta, answer)
-        return answer, "length", usage
+        return answer, "length", usage or Usage()
 
     async def _said_before_tools(
         self, msg: InboundMessage, text: str, on_delta: DeltaCallback | None
@@ -305,34 +299,30 @@ class AgentLoop:
         """One model call; refused for context length, it is tried once more without the oldest turns."""
         defaults = self._defaults
         while True:
+            # Each call (retries included) is timed by outcome; timed here, not in a wrapper
+            # coroutine: every await level costs on each of the call's wake-ups.
+            started = time.monotonic()
+            outcome = "ok"
             try:
-                return await self._timed(
-                    self._provider.chat(
-                        prompt.messages,
-                        tools=self._tools.definitions(msg.channel) if msg.use_tools else (),
-                        max_tokens=msg.max_tokens or defaults.max_tokens,
-                        temperature=defaults.temperature if msg.temperature is None else msg.temperature,
-                        on_delta=on_delta,
-                        response_format=msg.response_format,
-                    )
+                return await self._provider.chat(
+                    prompt.messages,
+                    tools=self._tools.definitions(msg.channel) if msg.use_tools else (),
+                    max_tokens=msg.max_tokens or defaults.max_tokens,
+                    temperature=defaults.temperature if msg.temperature is None else msg.temperature,
+                    on_delta=on_delta,
+                    response_format=msg.response_format,
                 )
             except ContextLengthError as exc:
+                outcome = "context_length"
                 had_history = prompt.history_end > prompt.history_start
                 if prompt.trimmed or not prompt.drop_oldest_turns():
                     raise ContextLengthError(_too_long(exc, had_history)) from exc
                 log.info("context length exceeded on %s: retrying without the oldest turns", msg.session_key)
-
-    async def _timed(self, call: Awaitable[LLMResponse]) -> LLMResponse:
-        """``call`` (one upstream call, retries included), its duration counted by outcome."""
-        started = time.monotonic()
-        outcome = "ok"
-        try:
-            return await call
-        except BaseException as exc:
-            outcome = _outcome(exc)
-            raise
-        finally:
-            self._metrics.upstream(outcome, time.monotonic() - started)
+            except BaseException as exc:
+                outcome = _outcome(exc)
+                raise
+            finally:
+                self._metrics.upstream(outcome, time.monotonic() - started)
 
 
 def _outcome(exc: BaseException) -> str:

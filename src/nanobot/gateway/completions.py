@@ -183,7 +183,9 @@ async def _complete(state: GatewayState, msg: InboundMessage, reply: Reply) -> w
     """Run the turn in this task (no task of its own: see ``AgentLoop.serve``), answer with JSON."""
     task = reply.turn_runs_here()
     try:
-        await state.bus.run_inbound(msg)
+        running = state.bus.run_inbound(msg)
+        if running is not None:
+            await running
         if not reply.answered():  # (it is, unless the bus has no runner and queued the message)
             await reply.wait()
     except asyncio.CancelledError:

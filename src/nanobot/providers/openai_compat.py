@@ -177,10 +177,13 @@ class OpenAICompatProvider:
                 if resp.status != 200:
                     raise await self._refusal(resp)
                 if reader is None:
-                    return self._completion(await self._read_body(resp), resp.content_type)
+                    length = resp.content_length
+                    if length is not None and length <= self._cap:  # the usual case: one read
+                        return self._completion(await resp.read(), resp)
+                    return self._completion(await self._read_body(resp), resp)
                 if resp.content_type in ("application/json", "text/html"):
                     # Not an event stream (a server ignoring `stream`, or a proxy's page).
-                    answer = self._completion(await self._read_body(resp), resp.content_type)
+                    answer = self._completion(await self._read_body(resp), resp)
                     return await reader.relay_whole(answer)
                 return await reader.read(resp.content)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
@@ -226,14 +229,15 @@ class OpenAICompatProvider:
             )
         return body
 
-    def _completion(self, raw: bytes, content_type: str) -> LLMResponse:
+    def _completion(self, raw: bytes, resp: aiohttp.ClientResponse) -> LLMResponse:
+        """The parsed answer; ``resp``'s content type is read only to describe a bad one."""
         url = self._public_url
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise bad_completion(url, self._redact(raw), content_type, "not JSON") from exc
+            raise bad_completion(url, self._redact(raw), resp.content_type, "not JSON") from exc
         if not isinstance(data, dict):
-            raise bad_completion(url, self._redact(raw), content_type, "not a JSON object")
+            raise bad_completion(url, self._redact(raw), resp.content_type, "not a JSON object")
         if "error" in data:  # some proxies answer 200 with an error body
             redacted = self._redact(raw)
             message = api_error_message(orjson.loads(redacted)) or redacted.decode("utf-8", "replace")
@@ -243,7 +247,7 @@ class OpenAICompatProvider:
         try:
             return _parse_completion(data)
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-            raise bad_completion(url, self._redact(raw), content_type, "unexpected shape") from exc
+            raise bad_completion(url, self._redact(raw), resp.content_type, "unexpected shape") from exc
 
 
 async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
