@@ -134,35 +134,35 @@ class AgentLoop:
 
         task.add_done_callback(done)
 
-    async def serve(self, msg: InboundMessage) -> None:
-        """Run ``msg``'s turn in the calling task; return once it is answered (or has failed).
+    def serve(self, msg: InboundMessage) -> Awaitable[None]:
+        """Run ``msg``'s turn in the awaiting task; done once it is answered (or has failed).
 
         For a caller that waits for the answer anyway (a non-streaming API request): no task of
         the turn's own and no wake-up between the turn and its caller, about 30k instructions
         per request. The turn behaves as in its own task: cancelling the caller cancels it, its
         deadline cancels the caller's task and answers with a timeout, it counts as running.
+        (A plain function: the turn's coroutine is the only await level.)
         """
-        if msg.kind is InboundKind.CANCEL:
-            self.route(msg)
-            return
-        loop = self._event_loop or asyncio.get_running_loop()
-        task = asyncio.current_task(loop)
-        assert task is not None  # (a coroutine awaited on a running loop runs in a task)
-        key = msg.request_id or f"task-{id(task)}"
-        self._running[key] = task
-        deadline = loop.call_later(self._turn_timeout, self._expire, task)
-        try:
-            await self._turn(msg)
-        finally:
-            deadline.cancel()
-            self._running.pop(key, None)
-            self._expired.discard(task)
+        return self._turn(msg, here=True)
 
     def _expire(self, task: asyncio.Task[Any]) -> None:
         self._expired.add(task)
         task.cancel()
 
-    async def _turn(self, msg: InboundMessage) -> None:
+    async def _turn(self, msg: InboundMessage, here: bool = False) -> None:
+        """One turn, answered or failed; ``here``: in the awaiting task (:meth:`serve`), which is
+        registered and given the deadline here (a turn task gets them in :meth:`_start_turn`)."""
+        deadline: asyncio.TimerHandle | None = None
+        if here:
+            if msg.kind is InboundKind.CANCEL:
+                self.route(msg)
+                return
+            loop = self._event_loop or asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            assert task is not None  # (a coroutine awaited on a running loop runs in a task)
+            key = msg.request_id or f"task-{id(task)}"
+            self._running[key] = task
+            deadline = loop.call_later(self._turn_timeout, self._expire, task)
         started = time.monotonic()
         try:
             await self.run_turn(msg)
@@ -180,6 +180,11 @@ class AgentLoop:
         except Exception:  # a bug must answer the user and be logged, never kill the loop
             log.exception("turn on %s failed", msg.session_key)
             self._fail(msg, NanobotError("internal error while answering"))
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+                self._running.pop(key, None)
+                self._expired.discard(task)
         # Answered or failed; a cancelled turn (its client left) is not a duration worth counting.
         self._metrics.turn(msg.channel, time.monotonic() - started)
 

@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 import orjson
 from aiohttp import web
 
-from nanobot.bus import InboundKind, InboundMessage, OutboundKind
+from nanobot.bus import InboundKind, InboundMessage, OutboundKind, Usage
 from nanobot.channels.api import Reply
 from nanobot.config import ApiConfig
 from nanobot.errors import NanobotError, PayloadTooLargeError, RequestError, UnsupportedMediaError
@@ -174,6 +174,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         api.release()
 
 
+# The chat.completion object, written around what varies (each string through orjson, which
+# escapes it): half the instructions of building the same dict and serialising it (13k -> 7k).
+_ANSWER = (
+    b'{"id":"%s","object":"chat.completion","created":%d,"model":%s,'
+    b'"choices":[{"index":0,"message":{"role":"assistant","content":%s,"refusal":null},'
+    b'"logprobs":null,"finish_reason":%s}],'
+    b'"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d},"system_fingerprint":null}'
+)
+_STOP = orjson.dumps("stop")
+_NO_USAGE = Usage()
+
+
 def _completion_id(turn: str) -> str:
     """The turn's own number (unique as its id is) as a completion id: ``chatcmpl-…``."""
     return "chatcmpl-" + turn[5:]  # (after "turn_")
@@ -201,26 +213,19 @@ async def _complete(state: GatewayState, msg: InboundMessage, reply: Reply) -> w
         raise out.error or NanobotError("the turn failed")
     said = reply.pieces  # `message`-tool texts for this chat, said before the answer
     content = "\n\n".join([*said, out.content]) if said else out.content
-    usage = (
-        out.usage.as_dict() if out.usage else {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    usage = out.usage or _NO_USAGE
+    finish = out.finish_reason or "stop"
+    body = _ANSWER % (
+        _completion_id(msg.request_id).encode(),
+        int(time.time()),
+        state.model_json,
+        orjson.dumps(content),
+        _STOP if finish == "stop" else orjson.dumps(finish),
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.total_tokens,
     )
-    body = {
-        "id": _completion_id(msg.request_id),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": state.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None},
-                "logprobs": None,
-                "finish_reason": out.finish_reason or "stop",
-            }
-        ],
-        "usage": usage,
-        "system_fingerprint": None,
-    }
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return web.Response(body=body, content_type="application/json")
 
 
 class _Pacer:
