@@ -117,7 +117,14 @@ async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
         raise UnsupportedMediaError(
             f"Content-Type {ctype!r} is not supported; send application/json or multipart/form-data"
         )
-    raw = await _read_body(request, state.config.api.max_request_bytes)
+    length = request.content_length
+    if length is not None and length <= api.max_request_bytes:
+        try:  # the usual case, read here (no coroutine of ours): one call, usually buffered already
+            raw = await request.content.readexactly(length)
+        except asyncio.IncompleteReadError as exc:  # the client stopped sending: what came
+            raw = exc.partial
+    else:
+        raw = await _read_body(request, api.max_request_bytes)
     if ctype == _URLENCODED and not raw.lstrip().startswith(b"{"):
         # `curl -d "message=hi"`: the same text fields as a multipart form, without files.
         try:
