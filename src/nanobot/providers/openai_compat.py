@@ -83,6 +83,19 @@ class OpenAICompatProvider:
             s.encode() for s in (config.api_key, *config.extra_headers.values()) if len(s) >= _MIN_SECRET
         )
         self._session: aiohttp.ClientSession | None = None
+        self._tools: Sequence[dict[str, Any]] = ()  # the last tool definitions serialised, and their JSON
+        self._tools_fragment = orjson.Fragment(b"[]")
+
+    def _tools_json(self, tools: Sequence[dict[str, Any]]) -> orjson.Fragment | Sequence[dict[str, Any]]:
+        """The tool definitions, serialised once while the caller passes the same tuple (the
+        registry keeps one per channel until its tools change): re-serialising ~3 KB of schemas
+        on every call cost ~7k instructions. Anything but a tuple is serialised as it is."""
+        if type(tools) is not tuple:
+            return tools
+        if tools is not self._tools:
+            self._tools = tools  # (held: its id cannot be reused while it is cached)
+            self._tools_fragment = orjson.Fragment(orjson.dumps(tools))
+        return self._tools_fragment
 
     def __repr__(self) -> str:
         return f"OpenAICompatProvider(url={self._public_url!r}, model={self._model!r})"
@@ -117,7 +130,7 @@ class OpenAICompatProvider:
         """One chat-completions call; with ``on_delta`` it streams and relays text as it arrives."""
         body: dict[str, Any] = {"model": self._model, "messages": messages}
         if tools:
-            body["tools"] = tools
+            body["tools"] = self._tools_json(tools)
         if response_format is not None:
             body["response_format"] = response_format  # structured output, as the client asked
         if max_tokens:
