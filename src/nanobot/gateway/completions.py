@@ -154,7 +154,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     api.admit()  # before the body is read: 429 past api.maxConcurrentTurns, 503 when shutting down
     try:
         chat = await _parse(request, state)
-        rid: str = request[REQUEST_ID]
         # Replies are routed by our own id: a client may send the same x-request-id twice.
         turn = new_id("turn_")
         if chat.files or chat.history is not None:
@@ -166,7 +165,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         try:
             if chat.stream:
                 state.bus.publish_inbound(msg)  # the turn runs in its own task: this one writes
-                resp, finished = await _stream(request, state, chat, reply, rid)
+                resp, finished = await _stream(request, state, chat, reply, request[REQUEST_ID])
                 return resp
             resp = await _complete(state, msg, reply)
             finished = True
