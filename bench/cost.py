@@ -41,6 +41,7 @@ def _callgrind(argv: list[str], out: Path) -> list[str]:
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
+        "--dump-instr=no",
         f"--callgrind-out-file={out}",
         *argv,
     ]
@@ -50,15 +51,19 @@ def _control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=120)
 
 
-def _total(out: Path) -> int:
-    """The summed ``Ir`` of every dump (one per thread) written so far, then remove them."""
+def _total(out: Path, keep: Path | None = None, tag: str = "") -> int:
+    """The summed ``Ir`` of every dump (one per thread) written so far, then remove them
+    (or move them into ``keep``, named by ``tag``, for ``callgrind_annotate``)."""
     total = 0
     for path in out.parent.glob(out.name + "*"):
         for line in path.read_text(errors="replace").splitlines():
             if line.startswith(("summary:", "totals:")):
                 total += int(line.split()[1])
                 break
-        path.unlink()
+        if keep is not None and tag:
+            shutil.move(path, keep / f"{tag}{path.name.removeprefix(out.name)}")
+        else:
+            path.unlink()
     return total
 
 
@@ -128,7 +133,7 @@ def measure(name: str, pid: int, url: str, out: Path, args: argparse.Namespace) 
         _control(pid, "--instr=off")
         if failed:
             raise HarnessError(f"{name}: {failed} of {args.n} requests failed at c={conc}")
-        result[f"c{conc}"] = _total(out) / args.n
+        result[f"c{conc}"] = _total(out, args.keep, f"{name}-c{conc}") / args.n
     return result
 
 
@@ -163,8 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conc", default="1,16", help="concurrencies, comma-separated")
     p.add_argument("--only", choices=("floor", "gateway"), default=None)
     p.add_argument("--proc", action="store_true", help="CPU time and context switches, no valgrind")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep the callgrind dumps in this folder (NAME-cC.N per thread) for callgrind_annotate",
+    )
     args = p.parse_args(argv)
     args.conc = [int(c) for c in args.conc.split(",")]
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
     if args.proc:
         return run_proc(args)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:

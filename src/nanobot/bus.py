@@ -8,10 +8,12 @@ which the channel manager dispatches to the named channel. The bus knows no chan
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
+
+from nanobot.valueclass import valueclass
 
 if TYPE_CHECKING:
     from nanobot.errors import NanobotError
@@ -48,7 +50,7 @@ class ImageInput:
         return f"data:{self.mime};base64,{self.data_b64}"
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass  # built several times per turn: see nanobot.valueclass
 class Usage:
     """Token counts, summed over a turn's LLM calls."""
 
@@ -72,7 +74,7 @@ class Usage:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass  # one per request: see nanobot.valueclass
 class InboundMessage:
     """Something a user said on a channel, for the agent to answer.
 
@@ -118,7 +120,7 @@ class DeliveryReceipt:
         return f"{self.status}: {self.detail}" if self.detail else self.status
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass  # one per reply and per delta: see nanobot.valueclass
 class OutboundMessage:
     """Something the agent says, addressed to ``channel``/``chat_id``.
 
@@ -148,19 +150,37 @@ class MessageBus:
     is attached are handed to it first, so order holds.
     """
 
-    __slots__ = ("_inbound", "_inbound_handler", "_outbound", "_outbound_handler")
+    __slots__ = ("_inbound", "_inbound_handler", "_inbound_runner", "_outbound", "_outbound_handler")
 
     def __init__(self) -> None:
         self._inbound: asyncio.Queue[InboundMessage] = asyncio.Queue()
         self._outbound: asyncio.Queue[OutboundMessage] = asyncio.Queue()
         self._inbound_handler: Callable[[InboundMessage], None] | None = None
+        self._inbound_runner: Callable[[InboundMessage], Awaitable[None]] | None = None
         self._outbound_handler: Callable[[OutboundMessage], None] | None = None
 
-    def attach_inbound(self, handler: Callable[[InboundMessage], None] | None) -> None:
-        """Route inbound messages to ``handler`` as they are published (None: back to the queue)."""
+    def attach_inbound(
+        self,
+        handler: Callable[[InboundMessage], None] | None,
+        runner: Callable[[InboundMessage], Awaitable[None]] | None = None,
+    ) -> None:
+        """Route inbound messages to ``handler`` as they are published (None: back to the queue);
+        ``runner``, when given, handles a message in its publisher's task (:meth:`run_inbound`)."""
         self._inbound_handler = handler
+        self._inbound_runner = runner if handler is not None else None
         while handler is not None and not self._inbound.empty():
             handler(self._inbound.get_nowait())
+
+    def run_inbound(self, msg: InboundMessage) -> Awaitable[None] | None:
+        """Hand a message to the agent, for a publisher that waits for the answer anyway: with a
+        runner attached, an awaitable that handles the message in the awaiting task (cancelling
+        it cancels the turn); otherwise the message is published as by :meth:`publish_inbound`
+        and this returns None. (Not a coroutine itself: one await level fewer on the hot path.)"""
+        runner = self._inbound_runner
+        if runner is None:
+            self.publish_inbound(msg)
+            return None
+        return runner(msg)
 
     def attach_outbound(self, handler: Callable[[OutboundMessage], None] | None) -> None:
         """Route outbound messages to ``handler`` as they are published (None: back to the queue)."""

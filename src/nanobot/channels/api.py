@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from nanobot.bus import OutboundKind, OutboundMessage
 from nanobot.channels.base import Channel
@@ -30,6 +31,7 @@ class Reply:
         "_chars",
         "_loop",
         "_room",
+        "_turn_task",
         "_waiter",
         "end",
         "events",
@@ -38,10 +40,14 @@ class Reply:
         "refused",
         "stream",
         "tool_events",
+        "turn",
     )
 
-    def __init__(self, stream: bool, loop: asyncio.AbstractEventLoop, tool_events: bool = False) -> None:
+    def __init__(
+        self, stream: bool, loop: asyncio.AbstractEventLoop, tool_events: bool = False, turn: str = ""
+    ) -> None:
         self._loop = loop
+        self.turn = turn  # the request id of the turn it waits for
         self.stream = stream
         self.tool_events = stream and tool_events  # the request asked for tool progress events
         self.pieces: list[str] = []  # text not yet taken, oldest first
@@ -53,6 +59,7 @@ class Reply:
         self.keepalive_due = False
         self._waiter: asyncio.Future[None] | None = None  # the request, waiting for output
         self._room: asyncio.Future[None] | None = None  # the agent, waiting for the reader
+        self._turn_task: asyncio.Task[Any] | None = None  # the request's task, when the turn runs in it
 
     def put(self, msg: OutboundMessage) -> None:
         """Take one message from the agent (never blocks)."""
@@ -77,6 +84,16 @@ class Reply:
         if self.end is None and self.refused is None:
             self.refused = error
             self._wake()
+            if self._turn_task is not None:  # the turn runs in the request's task: stop it there
+                self._turn_task.cancel()
+
+    def turn_runs_here(self) -> asyncio.Task[Any]:
+        """The turn runs in the calling task, the request's (``MessageBus.run_inbound``): a
+        refusal cancels that task, and the request answers with the refusal. Returns the task."""
+        task = asyncio.current_task(self._loop)
+        assert task is not None  # (called from a request handler)
+        self._turn_task = task
+        return task
 
     def ask_keepalive(self) -> None:
         """The stream has been quiet: ask the request to write a keep-alive comment."""
@@ -93,6 +110,10 @@ class Reply:
             return True
         # A stream writes text and keep-alives as they come; a JSON answer waits for the end.
         return self.stream and (bool(self.pieces) or bool(self.events) or self.keepalive_due)
+
+    def answered(self) -> bool:
+        """Whether the turn has ended (or the request was refused): nothing more will come."""
+        return self.end is not None or self.refused is not None
 
     async def wait(self) -> None:
         """Wait until there is something to write: text or a keep-alive (streams), or the end."""
@@ -218,7 +239,7 @@ class ApiChannel(Channel):
         loop = self._loop
         if loop is None:  # (each get_running_loop() is a getpid() system call: once is enough)
             loop = self._loop = asyncio.get_running_loop()
-        reply = self._waiting[request_id] = Reply(stream, loop, tool_events)
+        reply = self._waiting[request_id] = Reply(stream, loop, tool_events, request_id)
         return reply
 
     def close(self, request_id: str) -> None:

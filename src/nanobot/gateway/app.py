@@ -108,6 +108,8 @@ def create_app(config: Config, bus: MessageBus, api: ApiChannel) -> web.Applicat
         created=int(time.time()),
         metrics=metrics,
         readiness=readiness,
+        model=config.model,
+        model_json=orjson.dumps(config.model),
     )
     app.router.add_get("/health", health)
     app.router.add_get("/health/ready", readiness_endpoint)

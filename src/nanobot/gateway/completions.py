@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 import orjson
 from aiohttp import web
 
-from nanobot.bus import InboundKind, InboundMessage, OutboundKind
+from nanobot.bus import InboundKind, InboundMessage, OutboundKind, Usage
 from nanobot.channels.api import Reply
 from nanobot.config import ApiConfig
 from nanobot.errors import NanobotError, PayloadTooLargeError, RequestError, UnsupportedMediaError
@@ -20,7 +20,7 @@ from nanobot.gateway.multipart import form_stream, read_multipart
 from nanobot.gateway.requests import ChatRequest, FileInput, check_model, check_session_id, parse_chat_request
 from nanobot.gateway.sse import DONE, KEEP_ALIVE, ChunkWriter, error_event, tool_event
 from nanobot.gateway.state import STATE, GatewayState
-from nanobot.gateway.uploads import build_inbound
+from nanobot.gateway.uploads import build_inbound, inbound_message
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,14 @@ async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
         raise UnsupportedMediaError(
             f"Content-Type {ctype!r} is not supported; send application/json or multipart/form-data"
         )
-    raw = await _read_body(request, state.config.api.max_request_bytes)
+    length = request.content_length
+    if length is not None and length <= api.max_request_bytes:
+        try:  # the usual case, read here (no coroutine of ours): one call, usually buffered already
+            raw = await request.content.readexactly(length)
+        except asyncio.IncompleteReadError as exc:  # the client stopped sending: what came
+            raw = exc.partial
+    else:
+        raw = await _read_body(request, api.max_request_bytes)
     if ctype == _URLENCODED and not raw.lstrip().startswith(b"{"):
         # `curl -d "message=hi"`: the same text fields as a multipart form, without files.
         try:
@@ -147,18 +154,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     api.admit()  # before the body is read: 429 past api.maxConcurrentTurns, 503 when shutting down
     try:
         chat = await _parse(request, state)
-        rid: str = request[REQUEST_ID]
         # Replies are routed by our own id: a client may send the same x-request-id twice.
         turn = new_id("turn_")
-        msg = await build_inbound(chat, turn, state.limits)
+        if chat.files or chat.history is not None:
+            msg = await build_inbound(chat, turn, state.limits)
+        else:
+            msg = inbound_message(chat, turn)  # (no coroutine for the usual, text-only request)
         reply = api.open(turn, chat.stream, chat.tool_events)
-        state.bus.publish_inbound(msg)
         finished = False
         try:
             if chat.stream:
-                resp, finished = await _stream(request, state, chat, reply, rid)
+                state.bus.publish_inbound(msg)  # the turn runs in its own task: this one writes
+                resp, finished = await _stream(request, state, chat, reply, request[REQUEST_ID])
                 return resp
-            resp = await _complete(state, reply)
+            resp = await _complete(state, msg, reply)
             finished = True
             return resp
         finally:
@@ -171,12 +180,37 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         api.release()
 
 
-def _completion_id() -> str:
-    return new_id("chatcmpl-")
+# The chat.completion object, written around what varies (each string through orjson, which
+# escapes it): half the instructions of building the same dict and serialising it (13k -> 7k).
+_ANSWER = (
+    b'{"id":"%s","object":"chat.completion","created":%d,"model":%s,'
+    b'"choices":[{"index":0,"message":{"role":"assistant","content":%s,"refusal":null},'
+    b'"logprobs":null,"finish_reason":%s}],'
+    b'"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d},"system_fingerprint":null}'
+)
+_STOP = orjson.dumps("stop")
+_NO_USAGE = Usage()
 
 
-async def _complete(state: GatewayState, reply: Reply) -> web.Response:
-    await reply.wait()
+def _completion_id(turn: str) -> str:
+    """The turn's own number (unique as its id is) as a completion id: ``chatcmpl-…``."""
+    return "chatcmpl-" + turn[5:]  # (after "turn_")
+
+
+async def _complete(state: GatewayState, msg: InboundMessage, reply: Reply) -> web.Response:
+    """Run the turn in this task (no task of its own: see ``AgentLoop.serve``), answer with JSON."""
+    task = reply.turn_runs_here()
+    try:
+        running = state.bus.run_inbound(msg)
+        if running is not None:
+            await running
+        if not reply.answered():  # (it is, unless the bus has no runner and queued the message)
+            await reply.wait()
+    except asyncio.CancelledError:
+        # A refusal at shutdown cancels the turn here (Reply.refuse): answer it with its 503,
+        # unless this task was cancelled for another reason too (the client left).
+        if reply.refused is None or task.uncancel() > 0:
+            raise
     if reply.refused is not None:
         raise reply.refused
     out = reply.end
@@ -185,26 +219,19 @@ async def _complete(state: GatewayState, reply: Reply) -> web.Response:
         raise out.error or NanobotError("the turn failed")
     said = reply.pieces  # `message`-tool texts for this chat, said before the answer
     content = "\n\n".join([*said, out.content]) if said else out.content
-    usage = (
-        out.usage.as_dict() if out.usage else {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    usage = out.usage or _NO_USAGE
+    finish = out.finish_reason or "stop"
+    body = _ANSWER % (
+        _completion_id(msg.request_id).encode(),
+        int(time.time()),
+        state.model_json,
+        orjson.dumps(content),
+        _STOP if finish == "stop" else orjson.dumps(finish),
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.total_tokens,
     )
-    body = {
-        "id": _completion_id(),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": state.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None},
-                "logprobs": None,
-                "finish_reason": out.finish_reason or "stop",
-            }
-        ],
-        "usage": usage,
-        "system_fingerprint": None,
-    }
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return web.Response(body=body, content_type="application/json")
 
 
 class _Pacer:
@@ -286,7 +313,7 @@ async def _stream(
 ) -> tuple[web.StreamResponse, bool]:
     """Relay the turn as SSE; returns the response and whether the turn reached its end."""
     resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": rid})
-    writer = ChunkWriter(_completion_id(), int(time.time()), state.model)
+    writer = ChunkWriter(_completion_id(reply.turn), int(time.time()), state.model)
     try:
         await resp.prepare(request)  # (the client may already be gone)
     except ConnectionResetError:

@@ -14,5 +14,5 @@ _COUNTER = itertools.count(1)
 
 
 def new_id(kind: str) -> str:
-    """``<kind><12 random hex digits><counter>``, e.g. ``chatcmpl-1f2e3d4c5b6a0000002a``."""
-    return f"{kind}{_PREFIX}{next(_COUNTER):08x}"
+    """``<kind><12 random hex digits><counter>``, e.g. ``turn_1f2e3d4c5b6a42``."""
+    return f"{kind}{_PREFIX}{next(_COUNTER)}"  # (a format spec such as :08x costs twice as much)

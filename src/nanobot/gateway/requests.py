@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from nanobot.attachments import decode_data_url
 from nanobot.errors import RequestError
+from nanobot.valueclass import valueclass
 
 if TYPE_CHECKING:
     from nanobot.gateway.conversation import PastMessage
@@ -29,7 +30,7 @@ class FileInput:
     param: str
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass  # one per request: see nanobot.valueclass
 class ChatRequest:
     """One validated chat-completions request."""
 
@@ -150,7 +151,7 @@ def _split_messages(messages: object) -> tuple[str, int, dict[str, Any]]:
             )
     if user is None:
         raise RequestError(f"messages has no 'user' message. {_HISTORY_HINT}", param="messages")
-    return "\n\n".join(s for s in instructions if s), index, user
+    return ("\n\n".join(filter(None, instructions)) if instructions else ""), index, user
 
 
 _OWN_TOOLS = (
@@ -200,16 +201,20 @@ def _response_format(value: object) -> dict[str, Any] | None:
     return value
 
 
-def _sampling(body: dict[str, Any]) -> tuple[float | None, int | None]:
-    """The client's temperature and max_tokens for this turn, when they are sensible values
-    (anything else is ignored, as other OpenAI fields are: the configured defaults apply)."""
-    temperature = body.get("temperature")
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
-        temperature = None
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+def _temperature(value: object) -> float | None:
+    """The client's temperature when it is a sensible value (anything else is ignored, as
+    other OpenAI fields are: the configured default applies)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+        return None
+    return float(value)
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    """The client's max_completion_tokens (or max_tokens) when it is a sensible value."""
+    limit = body["max_completion_tokens"] if "max_completion_tokens" in body else body.get("max_tokens")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        limit = None
-    return (None if temperature is None else float(temperature)), limit
+        return None
+    return limit
 
 
 def parse_chat_request(
@@ -225,23 +230,28 @@ def parse_chat_request(
 
     ``header_session`` is the X-Session-Id header's id (already checked), used when the body
     names none; ``client_history`` is api.clientHistory "accept"."""
+    # Runs for every request: absent fields (the usual case) are skipped without a call.
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object.")
-    check_model(body.get("model"), model)
-    stream = body.get("stream", False)
+    get = body.get
+    if (wanted := get("model")) is not None:
+        check_model(wanted, model)
+    stream = get("stream")
     if stream is None:
         stream = False
-    if not isinstance(stream, bool):
+    elif not isinstance(stream, bool):
         raise RequestError("stream must be a boolean", param="stream")
-    options = body.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    tool_events = isinstance(options, dict) and options.get("include_tool_events") is True
-    temperature, max_tokens = _sampling(body)
-    use_tools = _use_tools(body)
-    response_format = _response_format(body.get("response_format"))
-    given = body.get("session_id") or header_session  # the body's session_id wins
-    session_id = check_session_id(body.get("session_id"), header_session or "default")
-    messages = body.get("messages")
+    include_usage = tool_events = False
+    if isinstance(options := get("stream_options"), dict):
+        include_usage = options.get("include_usage") is True
+        tool_events = options.get("include_tool_events") is True
+    temperature = None if (t := get("temperature")) is None else _temperature(t)
+    max_tokens = _max_tokens(body) if "max_tokens" in body or "max_completion_tokens" in body else None
+    use_tools = _use_tools(body) if "tools" in body or "tool_choice" in body else True
+    response_format = None if (rf := get("response_format")) is None else _response_format(rf)
+    given = get("session_id") or header_session  # the body's session_id wins
+    session_id = check_session_id(get("session_id"), header_session or "default")
+    messages = get("messages")
     if client_history and _resent(messages, given is not None):
         from nanobot.gateway.conversation import parse_conversation  # (only this mode needs it)
 
@@ -261,21 +271,26 @@ def parse_chat_request(
             response_format,
         )
     instructions, index, user = _split_messages(messages)
-    text, files = user_content(user.get("content"), f"messages[{index}].content", max_file_bytes)
+    text = user.get("content")
+    files: tuple[FileInput, ...] = ()
+    if not isinstance(text, str):  # content parts: texts, images, files
+        text, files = user_content(text, f"messages[{index}].content", max_file_bytes)
     if not text.strip() and not files:
         raise RequestError("the user message is empty", param="messages")
+    # Positional: a class called with keywords builds a dict of them (~450 instructions each).
     return ChatRequest(
-        text=text,
-        session_id=session_id,
-        stream=stream,
-        include_usage=include_usage,
-        tool_events=tool_events,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        instructions=instructions,
-        files=files,
-        use_tools=use_tools,
-        response_format=response_format,
+        text,
+        session_id,
+        stream,
+        include_usage,
+        tool_events,
+        temperature,
+        max_tokens,
+        instructions,
+        files,
+        None,  # history: the session's
+        use_tools,
+        response_format,
     )
 
 

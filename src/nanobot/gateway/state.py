@@ -26,11 +26,8 @@ class GatewayState:
     created: int
     metrics: Metrics
     readiness: Readiness
-
-    @property
-    def model(self) -> str:
-        """The one model served."""
-        return self.config.model
+    model: str  # the one model served (config.model, read on every request)
+    model_json: bytes  # the same as a JSON string, for the answers written without a dict
 
 
 STATE = web.AppKey("nanobot.gateway", GatewayState)

@@ -6,27 +6,40 @@ import asyncio
 from typing import Any
 
 from nanobot.attachments import AttachmentLimits, PreparedFile, compose_user_input, prepare_file
-from nanobot.bus import InboundMessage
+from nanobot.bus import InboundKind, InboundMessage
 from nanobot.gateway.requests import ChatRequest, FileInput
+
+
+def inbound_message(
+    chat: ChatRequest, request_id: str, history: tuple[dict[str, Any], ...] | None = None
+) -> InboundMessage:
+    """The :class:`InboundMessage` for an API request without files."""
+    # Positional: a class called with keywords builds a dict of them (~450 instructions each).
+    return InboundMessage(
+        "api",
+        chat.session_id,
+        chat.text,
+        "",  # sender_id
+        request_id,
+        InboundKind.MESSAGE,
+        chat.stream,
+        (),  # images
+        chat.instructions,
+        None,  # history_content: the same as content
+        chat.temperature,
+        chat.max_tokens,
+        chat.use_tools,
+        chat.response_format,
+        {},  # metadata
+        history,
+    )
 
 
 async def build_inbound(chat: ChatRequest, request_id: str, limits: AttachmentLimits) -> InboundMessage:
     """The :class:`InboundMessage` for an API request, its files sniffed, bounded and extracted."""
     history = None if chat.history is None else await _history(chat, limits)
     if not chat.files:
-        return InboundMessage(
-            "api",
-            chat.session_id,
-            chat.text,
-            request_id=request_id,
-            stream=chat.stream,
-            instructions=chat.instructions,
-            temperature=chat.temperature,
-            max_tokens=chat.max_tokens,
-            history=history,
-            use_tools=chat.use_tools,
-            response_format=chat.response_format,
-        )
+        return inbound_message(chat, request_id, history)
     prepared = await asyncio.gather(*(prepare_file(f.name, f.data, limits) for f in chat.files))
     user = compose_user_input(chat.text, prepared)
     return InboundMessage(

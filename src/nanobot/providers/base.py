@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nanobot.bus import Usage
+from nanobot.valueclass import valueclass
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +25,7 @@ class ToolCall:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass  # one per upstream call: see nanobot.valueclass
 class LLMResponse:
     """The model's answer to one chat-completions call."""
 

@@ -83,6 +83,19 @@ class OpenAICompatProvider:
             s.encode() for s in (config.api_key, *config.extra_headers.values()) if len(s) >= _MIN_SECRET
         )
         self._session: aiohttp.ClientSession | None = None
+        self._tools: Sequence[dict[str, Any]] = ()  # the last tool definitions serialised, and their JSON
+        self._tools_fragment = orjson.Fragment(b"[]")
+
+    def _tools_json(self, tools: Sequence[dict[str, Any]]) -> orjson.Fragment | Sequence[dict[str, Any]]:
+        """The tool definitions, serialised once while the caller passes the same tuple (the
+        registry keeps one per channel until its tools change): re-serialising ~3 KB of schemas
+        on every call cost ~7k instructions. Anything but a tuple is serialised as it is."""
+        if type(tools) is not tuple:
+            return tools
+        if tools is not self._tools:
+            self._tools = tools  # (held: its id cannot be reused while it is cached)
+            self._tools_fragment = orjson.Fragment(orjson.dumps(tools))
+        return self._tools_fragment
 
     def __repr__(self) -> str:
         return f"OpenAICompatProvider(url={self._public_url!r}, model={self._model!r})"
@@ -117,7 +130,7 @@ class OpenAICompatProvider:
         """One chat-completions call; with ``on_delta`` it streams and relays text as it arrives."""
         body: dict[str, Any] = {"model": self._model, "messages": messages}
         if tools:
-            body["tools"] = tools
+            body["tools"] = self._tools_json(tools)
         if response_format is not None:
             body["response_format"] = response_format  # structured output, as the client asked
         if max_tokens:
@@ -177,10 +190,13 @@ class OpenAICompatProvider:
                 if resp.status != 200:
                     raise await self._refusal(resp)
                 if reader is None:
-                    return self._completion(await self._read_body(resp), resp.content_type)
+                    length = resp.content_length
+                    if length is not None and length <= self._cap:  # the usual case: one read
+                        return self._completion(await resp.read(), resp)
+                    return self._completion(await self._read_body(resp), resp)
                 if resp.content_type in ("application/json", "text/html"):
                     # Not an event stream (a server ignoring `stream`, or a proxy's page).
-                    answer = self._completion(await self._read_body(resp), resp.content_type)
+                    answer = self._completion(await self._read_body(resp), resp)
                     return await reader.relay_whole(answer)
                 return await reader.read(resp.content)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
@@ -226,14 +242,15 @@ class OpenAICompatProvider:
             )
         return body
 
-    def _completion(self, raw: bytes, content_type: str) -> LLMResponse:
+    def _completion(self, raw: bytes, resp: aiohttp.ClientResponse) -> LLMResponse:
+        """The parsed answer; ``resp``'s content type is read only to describe a bad one."""
         url = self._public_url
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise bad_completion(url, self._redact(raw), content_type, "not JSON") from exc
+            raise bad_completion(url, self._redact(raw), resp.content_type, "not JSON") from exc
         if not isinstance(data, dict):
-            raise bad_completion(url, self._redact(raw), content_type, "not a JSON object")
+            raise bad_completion(url, self._redact(raw), resp.content_type, "not a JSON object")
         if "error" in data:  # some proxies answer 200 with an error body
             redacted = self._redact(raw)
             message = api_error_message(orjson.loads(redacted)) or redacted.decode("utf-8", "replace")
@@ -243,7 +260,7 @@ class OpenAICompatProvider:
         try:
             return _parse_completion(data)
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-            raise bad_completion(url, self._redact(raw), content_type, "unexpected shape") from exc
+            raise bad_completion(url, self._redact(raw), resp.content_type, "unexpected shape") from exc
 
 
 async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -271,15 +288,21 @@ def _parse_completion(data: dict[str, Any]) -> LLMResponse:
         return LLMResponse(usage=usage)
     choice = choices[0]
     message = choice.get("message") or {}
-    calls = tuple(
+    wanted = message.get("tool_calls")
+    calls = _tool_calls(wanted) if wanted else ()
+    # Positional: a class called with keywords builds a dict of them (~450 instructions each).
+    return LLMResponse(
+        message.get("content") or "",
+        calls,
+        choice.get("finish_reason") or ("tool_calls" if calls else "stop"),
+        usage,
+    )
+
+
+def _tool_calls(calls: list[dict[str, Any]]) -> tuple[ToolCall, ...]:
+    return tuple(
         ToolCall(
             str(c.get("id") or f"call_{i}"), c["function"]["name"], c["function"].get("arguments") or "{}"
         )
-        for i, c in enumerate(message.get("tool_calls") or ())
-    )
-    return LLMResponse(
-        content=message.get("content") or "",
-        tool_calls=calls,
-        finish_reason=choice.get("finish_reason") or ("tool_calls" if calls else "stop"),
-        usage=usage,
+        for i, c in enumerate(calls)
     )
