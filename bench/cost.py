@@ -159,6 +159,34 @@ def run_proc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measure_pg(bench: Bench, tmp: Path, args: argparse.Namespace) -> dict[str, float]:
+    """The gateway with storage.url on a throwaway PostgreSQL (tests/pgserver.py); only the
+    gateway's instructions count (the server's backends are other processes)."""
+    from bench.pg_section import _database, _pgserver  # (loads tests/pgserver.py by path)
+
+    pg = _pgserver()
+    why = pg.missing()
+    if why is not None:
+        raise HarnessError(f"--pg: {why}")
+    server = pg.start_server()
+    try:
+        out = tmp / "cg-gateway-pg.out"
+        port = free_port()
+        config = bench.write_config(port)
+        started = time.perf_counter()
+        storage = ["--storage-url", _database(server)]
+        argv_g = [sys.executable, "-m", "nanobot", "serve", "-c", str(config), *storage]
+        proc = bench.children.spawn("gateway-pg", _callgrind(argv_g, out))
+        wait_healthy(proc, port, started, 300)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        pg_args = argparse.Namespace(**{**vars(args), "sessions": max(args.sessions, 200)})
+        result = measure("gateway-pg", proc.pid, url, out, pg_args)
+        bench.children.stop(proc)
+        return result
+    finally:
+        pg.stop_server(server)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(prog="python -m bench.cost", description=__doc__.splitlines()[0])
@@ -168,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conc", default="1,16", help="concurrencies, comma-separated")
     p.add_argument("--only", choices=("floor", "gateway"), default=None)
     p.add_argument("--proc", action="store_true", help="CPU time and context switches, no valgrind")
+    p.add_argument(
+        "--pg",
+        action="store_true",
+        help="also count the gateway on a throwaway PostgreSQL (storage.url), after 200 requests at c=16 "
+        "(its pool grows first: a new connection's SCRAM handshake is not a request's cost)",
+    )
     p.add_argument(
         "--keep",
         type=Path,
@@ -211,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             results["gateway"] = measure("gateway", proc.pid, url, out, args)
             bench.children.stop(proc)
+        if args.pg:
+            results["gateway-pg"] = _measure_pg(bench, Path(tmp), args)
     for name, per in results.items():
         line = ", ".join(f"{k}: {v / 1e6:.3f} M instr/request" for k, v in per.items())
         print(f"{name:8s} {line}")
@@ -219,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             f = results["floor"][k]
             added = (g - f) / 1e6
             print(f"{k}: gateway adds {added:.3f} M instr/request over the floor ({g / f:.2f}x the floor)")
+    if "gateway" in results and "gateway-pg" in results:
+        for k, g in results["gateway-pg"].items():
+            added = (g - results["gateway"][k]) / 1e6
+            print(f"{k}: PostgreSQL adds {added:.3f} M instr/request over SQLite (the gateway's side only)")
     print(orjson.dumps({"n": args.n, "sessions": args.sessions, "results": results}).decode())
     return 0
 
