@@ -14,6 +14,8 @@ import aiohttp
 import orjson
 import pytest
 
+from storage_faults import store_damaged_turn
+
 from fake_llm import FakeLLM, Step
 
 Json = dict[str, Any]
@@ -345,17 +347,8 @@ async def test_a_damaged_turn_is_a_clean_error_and_the_store_keeps_working(
 ) -> None:
     """A stored turn that is not JSON any more makes reading that session a 503 storage_error
     (no traceback), and the database thread survives it: every later request is answered."""
-    from nanobot.storage.sessions import SessionStore
-
     workspace = tmp_path / "ws"
-    store = await SessionStore.open(workspace)
-    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    await store.append_turn("api:broken", turn)
-    await store.close()
-    db = sqlite3.connect(workspace / "sessions.db")
-    db.execute("UPDATE turns SET data = ? WHERE session = 'api:broken'", (b"not json",))
-    db.commit()
-    db.close()
+    await store_damaged_turn(workspace, "api:broken")
     url = await start_gateway()
     status, data = await call("GET", f"{url}/v1/sessions/broken")
     assert status == 503 and data["error"]["code"] == "storage_error", data

@@ -3,7 +3,6 @@ alive and the client may try again; never a 500, never a traceback in the log.""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,11 @@ import aiohttp
 import asyncpg
 import pytest
 
-from nanobot.storage.sessions import SessionStore
+from storage_faults import store_damaged_turn
 
 from fake_llm import FakeLLM, Step
 
 Start = Callable[..., Awaitable[str]]
-TURN = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
 
 
 async def post_chat(url: str, session_id: str) -> tuple[int, dict[str, str], dict[str, Any]]:
@@ -39,13 +37,7 @@ async def test_a_damaged_turn_mid_request_is_a_503_not_a_traceback(
     answers 503 storage_error with Retry-After, logs no traceback, and other sessions still work
     (it used to be a 500 "internal error while answering" with a traceback in the log)."""
     workspace = tmp_path / "ws"
-    store = await SessionStore.open(workspace)
-    await store.append_turn("api:broken", TURN)
-    await store.close()
-    db = sqlite3.connect(workspace / "sessions.db")
-    db.execute("UPDATE turns SET data = ? WHERE session = 'api:broken'", (b"not json",))
-    db.commit()
-    db.close()
+    await store_damaged_turn(workspace, "api:broken")
     url = await start_gateway()
     caplog.clear()
     assert_storage_503(*await post_chat(url, "broken"))
