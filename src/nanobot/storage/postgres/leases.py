@@ -33,6 +33,7 @@ import asyncpg
 from nanobot.config import StorageConfig
 from nanobot.errors import StorageError
 from nanobot.storage.base import Lease
+from nanobot.storage.keylock import KeyedLocks
 from nanobot.storage.postgres.connect import DRIVER_ERRORS, QuickCheckout, reason, storage_errors
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ class PgTurnLeases:
         self._listener: asyncpg.Connection | None = None
         self._listening = asyncio.Lock()
         self._wakeups: dict[str, set[asyncio.Event]] = {}
-        self._local: dict[str, asyncio.Lock] = {}
-        self._queued: dict[str, int] = {}
+        self._local = KeyedLocks()  # this process's turns on one session: the oldest contends
         self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
@@ -141,21 +141,19 @@ class PgTurnLeases:
         ``holder`` names the taker (process and turn) for diagnostics. Cancelling the wait
         leaves no lease behind.
         """
-        lock = self._local.get(key)
-        if lock is None:
-            lock = self._local[key] = asyncio.Lock()
-        self._queued[key] = self._queued.get(key, 0) + 1
+        local = self._local
+        if not local.try_acquire(key):  # (the usual case takes it without an await or a Lock)
+            await local.acquire(key)  # the oldest local waiter contends; the others queue behind it
         try:
-            async with lock:  # the oldest local waiter contends; the others queue behind it
-                return await self._contend(key, holder, ttl)
+            return await self._contend(key, holder, ttl)
         finally:
-            left = self._queued[key] - 1
-            if left:
-                self._queued[key] = left
-            else:
-                del self._queued[key], self._local[key]
+            local.release(key)
 
     async def _contend(self, key: str, holder: str, ttl: float) -> Lease:
+        # First one try with nothing registered: a free session (nearly always) costs no Event.
+        token, _remaining, version = await self._try(key, holder, ttl)
+        if token is not None:
+            return Lease(key, token, version)
         digest = _digest(key)
         while True:
             await self._listen()
