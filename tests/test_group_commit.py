@@ -84,3 +84,26 @@ async def test_concurrent_outbox_messages_share_commits(tmp_path: Path) -> None:
         await store.close()
     assert len({entry.id for batch in added for entry in batch}) == TURNS
     assert 1 <= commits <= TURNS // 4, commits
+
+
+async def test_a_turn_cancelled_while_its_write_is_in_flight_is_stored_whole(tmp_path: Path) -> None:
+    """A client that goes away while its turn is being committed does not lose the turn, nor half of
+    it: the session's next turn (in this process and after a restart) sees it whole."""
+    store = await SessionStore.open(tmp_path)
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    try:
+        assert await store.history("s") == []
+        waiting = asyncio.ensure_future(store.append_turn("s", turn))
+        await asyncio.sleep(0)  # (one step: the turn is handed to the writer and waits for its commit)
+        assert not waiting.done()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await store.history("s") == turn
+    finally:
+        await store.close()
+    reopened = await SessionStore.open(tmp_path)
+    try:
+        assert await reopened.history("s") == turn
+    finally:
+        await reopened.close()

@@ -148,9 +148,11 @@ class SessionStore:
     async def append_turn(self, key: str, messages: Sequence[ChatMessage]) -> None:
         """Persist one whole turn at once and make it part of the history.
 
-        The memory copy is updated first so the next turn on this session sees it; the
-        commit is shielded: a turn that reached this point is complete even if its
-        client goes away. If the commit fails, the memory copy is dropped and reloaded.
+        The memory copy is updated first so the next turn on this session sees it. A turn
+        that reached this point is stored whole even if its client goes away: the row is
+        with the writer already, and cancelling the wait only cancels the wait. If the
+        commit fails, or its outcome is not waited for, the memory copy is dropped (the next
+        turn reloads it, queued behind this write).
         """
         if self._shared:
             return await self._shared_append(key, messages)
@@ -171,11 +173,17 @@ class SessionStore:
                 cost = _cost(cached)
             self._remember(key, cached, cost)
         self._known.add(key)
+        # A plain await, no asyncio.shield: the writer's future is settled whether or not anyone
+        # waits (a cancelled one is skipped), so a shield only added a future, a callback and a
+        # loop iteration per turn (callgrind: 15k instructions at c=1, 19k at c=16).
         try:
-            await asyncio.shield(committed)
+            await committed
         except StorageError as exc:
             self._forget(key)
             raise StorageError(f"could not save the conversation: {exc}") from exc
+        except asyncio.CancelledError:
+            self._forget(key)  # (the write may yet fail: trust the disk, not this copy)
+            raise
 
     # -- shared storage: the cache is trusted only at the version the lease was taken at
     async def _shared_history(self, key: str) -> list[ChatMessage]:

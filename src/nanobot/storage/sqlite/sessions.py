@@ -107,7 +107,9 @@ class SqliteBackend:
     ) -> asyncio.Future[None]:
         """Add one turn's messages to ``key``; the future resolves once they are committed
         (no lease here: this process is the file's only writer)."""
-        data = orjson.dumps(messages)
+        # A bytearray binds as a blob directly; bytes go through sqlite3's adapter lookup first
+        # (two attribute misses, each an AttributeError built and dropped: ~3k instructions).
+        data = bytearray(orjson.dumps(messages))
         now = time.time()
         title, preview = session_table.summarize(messages)
         return self._writer.submit_row((key, data, title, now, preview))

@@ -86,7 +86,9 @@ class SqliteWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pending: _Batch = []  # submitted, not yet handed to the thread (loop side)
+        self._jobs_pending = 0  # of those, jobs (not rows): a batch of rows alone takes the fast path
         self._busy = False  # a batch is with the thread: the next one waits for its results
+        self._statements: dict[int, str] = {}  # the multi-row INSERT by row count (the thread's)
 
     @property
     def is_open(self) -> bool:
@@ -117,7 +119,7 @@ class SqliteWriter:
             return
         pending, self._pending = self._pending, []
         if pending:
-            self._jobs.put(pending)  # after the batch in flight, if any: the thread keeps the order
+            self._jobs.put((False, pending))  # after the batch in flight, if any: the thread keeps the order
         self._jobs.put(_STOP)
         await asyncio.to_thread(thread.join)
         self._health.closed()
@@ -142,6 +144,7 @@ class SqliteWriter:
             raise RuntimeError(f"{self._options.what} is not open")
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._pending.append((item, fut))
+        self._jobs_pending += 1
         if not self._busy:
             self._flush()
         return fut
@@ -156,13 +159,37 @@ class SqliteWriter:
             batch, self._pending = pending[:limit], pending[limit:]
         else:
             batch, self._pending = pending, []
+        rows = self._options.rows
+        # Rows alone, one INSERT's worth, no BEGIN IMMEDIATE: every turn's batch. The thread then
+        # runs one statement and no Python per row, and the results come back as one outcome.
+        fast = (
+            not self._jobs_pending
+            and rows is not None
+            and not self._options.immediate
+            and len(batch) <= rows.per_insert
+        )
+        if self._jobs_pending:
+            self._jobs_pending = sum(not isinstance(item, tuple) for item, _fut in self._pending)
         self._busy = True
-        self._jobs.put(batch)
+        self._jobs.put((fast, batch))
 
     def _done(self, results: _Results) -> None:
         """A batch came back: settle its futures, then hand over what queued up meanwhile."""
         self._busy = False
         _settle(results)
+        self._flush()
+
+    def _rows_done(self, batch: _Batch, error: BaseException | None) -> None:
+        """A batch of rows (one INSERT) came back: all committed, or all failed with ``error``."""
+        self._busy = False
+        if error is None:
+            for _row, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+        else:
+            for _row, fut in batch:
+                if not fut.done():
+                    fut.set_exception(self._failure(error))
         self._flush()
 
     # -- the thread
@@ -183,19 +210,38 @@ class SqliteWriter:
                 item = self._jobs.get()
                 if item is _STOP:
                     return
-                batch = cast(_Batch, item)
+                fast, batch = cast(tuple[bool, _Batch], item)
                 try:
-                    results = self._run_batch(db, batch)
-                except Exception as exc:  # never let the thread die: every waiter would hang
-                    failure = self._failure(exc)
-                    results = [(fut, None, failure) for _job, fut in batch]
-                try:
+                    if fast:
+                        loop.call_soon_threadsafe(self._rows_done, batch, self._insert_batch(db, batch))
+                        continue
+                    try:
+                        results = self._run_batch(db, batch)
+                    except Exception as exc:  # never let the thread die: every waiter would hang
+                        failure = self._failure(exc)
+                        results = [(fut, None, failure) for _job, fut in batch]
                     loop.call_soon_threadsafe(self._done, results)
                 except RuntimeError:  # the loop is closed: nobody is waiting any more
                     log.warning("%s: the event loop closed before %d results came back", self._options.name,
                                 len(batch))  # fmt: skip
         finally:
             db.close()
+
+    def _insert_batch(self, db: sqlite3.Connection, batch: _Batch) -> Exception | None:
+        """The fast path: a batch of rows as one INSERT, its own transaction; its error, if any
+        (any error: the thread never dies of one)."""
+        n = len(batch)
+        sql = self._statements.get(n)
+        if sql is None:
+            assert self._options.rows is not None
+            sql = self._statements[n] = self._options.rows.statement(n)
+        try:
+            db.execute(sql, [value for row, _fut in batch for value in cast(Row, row)])
+        except Exception as exc:
+            self._health.failed()
+            return exc
+        self._health.succeeded()
+        return None
 
     def _run_batch(self, db: sqlite3.Connection, batch: _Batch) -> _Results:
         """Run a batch in one transaction; each job's result or error (and the store's health)."""
