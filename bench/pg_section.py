@@ -70,6 +70,12 @@ def _database(server: Any) -> str:
     return url
 
 
+def _over_unix_socket(url: str, server: Any) -> str:
+    """The same database reached through the server's Unix socket instead of TCP on 127.0.0.1
+    (what a gateway on the database's machine would use)."""
+    return url.replace(f"@127.0.0.1:{server.port}/", "@/") + f"?host={server.root}&port={server.port}"
+
+
 def launch(
     b: Bench,
     name: str,
@@ -134,12 +140,16 @@ def pg(b: Bench, r: Report) -> None:
                 spec = {"kind": "closed", "concurrency": conc, "duration": s.duration, "warmup": s.warmup}
                 b.restart_gateway()  # SQLite, fresh workspace
                 runs.setdefault(("sqlite", conc), []).append(b.load({**spec, "url": b.gateway_url}))
-                proc, port = launch(b, "gateway-pg", _database(server))
-                try:
-                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                    runs.setdefault(("pg", conc), []).append(b.load({**spec, "url": url}))
-                finally:
-                    b.children.stop(proc)
+                for kind in ("pg", "pg-unix"):
+                    database = _database(server)
+                    if kind == "pg-unix":
+                        database = _over_unix_socket(database, server)
+                    proc, port = launch(b, "gateway-pg", database)
+                    try:
+                        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                        runs.setdefault((kind, conc), []).append(b.load({**spec, "url": url}))
+                    finally:
+                        b.children.stop(proc)
         r.raw["pg"] = {f"{k}_c{c}": v for (k, c), v in runs.items()}
         _pg_rows(r, runs)
     r.note(
@@ -149,34 +159,41 @@ def pg(b: Bench, r: Report) -> None:
     )
 
 
+_TRANSPORTS = (("pg", "PostgreSQL (TCP, 127.0.0.1)"), ("pg-unix", "PostgreSQL (its Unix socket)"))
+
+
 def _pg_rows(r: Report, runs: dict[tuple[str, int], list[Result]]) -> None:
-    lite, pg16 = _median(runs[("sqlite", 16)], "rps"), _median(runs[("pg", 16)], "rps")
-    share = pg16["rps"] / lite["rps"] if lite["rps"] else None
-    r.add(
-        Row(
-            PG_SECTION,
-            "c=16 distinct sessions: throughput on PostgreSQL",
-            None,
-            pg16["rps"],
-            "req/s",
-            target=">= 70% of SQLite",
-            ok=check(share, lambda v: v >= 0.7),
-            note=f"SQLite {lite['rps']:,.0f} req/s; PostgreSQL {100 * (share or 0):.0f}% of it",
-        )
-    )
-    lite1, pg1 = _median(runs[("sqlite", 1)], "p50_ms"), _median(runs[("pg", 1)], "p50_ms")
-    for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
-        added = pg1[key] - lite1[key]
+    lite = _median(runs[("sqlite", 16)], "rps")
+    for kind, name in _TRANSPORTS:
+        pg16 = _median(runs[(kind, 16)], "rps")
+        share = pg16["rps"] / lite["rps"] if lite["rps"] else None
         r.add(
             Row(
                 PG_SECTION,
-                f"c=1 {label} latency on PostgreSQL",
+                f"c=16 distinct sessions: throughput on {name}",
                 None,
-                pg1[key],
-                "ms",
-                note=f"SQLite {lite1[key]:.3f} ms: PostgreSQL adds {added:+.3f} ms per request",
+                pg16["rps"],
+                "req/s",
+                target=">= 70% of SQLite",
+                ok=check(share, lambda v: v >= 0.7),
+                note=f"SQLite {lite['rps']:,.0f} req/s; PostgreSQL {100 * (share or 0):.0f}% of it",
             )
         )
+    lite1 = _median(runs[("sqlite", 1)], "p50_ms")
+    for kind, name in _TRANSPORTS:
+        pg1 = _median(runs[(kind, 1)], "p50_ms")
+        for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+            added = pg1[key] - lite1[key]
+            r.add(
+                Row(
+                    PG_SECTION,
+                    f"c=1 {label} latency on {name}",
+                    None,
+                    pg1[key],
+                    "ms",
+                    note=f"SQLite {lite1[key]:.3f} ms: PostgreSQL adds {added:+.3f} ms per request",
+                )
+            )
     failed = sum(x["errors"] for v in runs.values() for x in v)
     if failed:
         sample = next(x["error_sample"] for v in runs.values() for x in v if x["errors"])
