@@ -8,8 +8,9 @@
 #
 # Needs, beside the repository: .whl/ (the cp312 wheels of aiohttp, orjson, uvloop, asyncpg and
 # their dependencies) and .debs/ (wrk and libluajit; for the scale-out sections also the
-# PostgreSQL server where none is installed: `apt-get download postgresql-15 libpq5 libicu72
-# libllvm15` on Debian 12, whatever of its libraries `ldd` finds missing); see the README's
+# PostgreSQL server where none is installed: `apt-get download postgresql-15 postgresql-client-15 libpq5 libicu72
+# libxslt1.1` on Debian 12 (not libllvm14: it only serves JIT, loaded on demand, and the 64 MiB
+# carry has no room for it), whatever of its libraries `ldd` finds missing); see the README's
 # performance section. Optional: .base/src, a baseline tree (git archive <commit> src | tar -x -C .base):
 # its gateway is measured in the same way afterwards (non-stream only), for before/after.
 #
