@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import pytest
 
-from nanobot.config import StorageConfig
 from nanobot.storage.postgres import PgStorage
 from nanobot.storage.postgres.leadership import PgChannelInbound
+from nanobot.storage_config import StorageConfig
 
 TOKEN = "123456:SECRET-leader-token"
 Make = Callable[..., PgChannelInbound]

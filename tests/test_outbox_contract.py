@@ -14,11 +14,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from nanobot.bus import DeliveryReceipt, MessageBus, OutboundKind, OutboundMessage
-from nanobot.config import StorageConfig
 from nanobot.delivery.ownership import LaneOwnership, OneProcess
 from nanobot.storage.outbox import NewMessage, Outbox, State
 from nanobot.storage.postgres import PgOutbox, PgStorage
 from nanobot.storage.sqlite.outbox import OutboxStore
+from nanobot.storage_config import StorageConfig
 
 from fake_platforms import FakeTelegram, make_config, running
 

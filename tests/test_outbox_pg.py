@@ -14,9 +14,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from nanobot.bus import DeliveryReceipt, MessageBus, OutboundMessage
-from nanobot.config import StorageConfig
 from nanobot.storage.outbox import NewMessage, State
 from nanobot.storage.postgres import PgOutbox, PgStorage
+from nanobot.storage_config import StorageConfig
 
 from fake_platforms import FakeTelegram, make_config, running
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from nanobot.config import StorageConfig
 from nanobot.storage.base import SessionBackend
 from nanobot.storage.postgres import PgStorage
 from nanobot.storage.sqlite.sessions import SqliteBackend
+from nanobot.storage_config import StorageConfig
 
 
 def turn(user: str, answer: str) -> list[dict[str, Any]]:

@@ -15,11 +15,12 @@ import asyncpg
 import orjson
 import pytest
 
-from nanobot.config import StorageConfig, parse_config
+from nanobot.config import parse_config
 from nanobot.errors import ConfigError, LeaseLostError, StorageError
 from nanobot.redact import config_secrets
 from nanobot.storage.postgres import SCHEMA_VERSION, PgStorage
 from nanobot.storage.sessions import SessionStore
+from nanobot.storage_config import StorageConfig
 from pg import _QUOTED_PASSWORD, PASSWORD, PgServer
 
 TURN = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]

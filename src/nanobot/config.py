@@ -20,6 +20,7 @@ import orjson
 from nanobot.config_loader import SECRET as _SECRET
 from nanobot.config_loader import build, describe_value
 from nanobot.errors import ConfigError
+from nanobot.storage_config import StorageConfig, check_storage
 from nanobot.tools_config import McpServerConfig, ToolsConfig
 from nanobot.webhook_config import TelegramWebhookConfig, check_telegram_webhook
 
@@ -151,31 +152,6 @@ class ChannelsConfig:
         """Paths where a platform calls in with its own secret (a Host the API does not know)."""
         webhook = self.telegram.webhook
         return frozenset({webhook.route}) if self.telegram.enabled and webhook.enabled else frozenset()
-
-
-@dataclass(frozen=True, slots=True)
-class StorageConfig:
-    """Where sessions, turn leases and the outbox are kept.
-
-    ``url``: empty or ``"sqlite"`` for the embedded files under the workspace (one process);
-    ``postgresql://user:password@host:port/database`` for one PostgreSQL shared by any number of
-    processes. Secret: the URL holds the password (redacted whole, and its password alone).
-    """
-
-    url: str = field(default="", repr=False, metadata=_SECRET)
-    pool_size: int = 10  # PostgreSQL connections per process
-    connect_timeout: float = 10.0  # seconds to reach PostgreSQL at start before giving up
-    lease_seconds: float = 30.0  # a crashed process blocks its sessions at most this long
-    # PostgreSQL is checked this often (on its own connection): /health/ready follows it.
-    probe_seconds: float = 2.0
-
-    @property
-    def is_postgres(self) -> bool:
-        """Whether ``url`` names a PostgreSQL database (else the embedded SQLite files)."""
-        return self.url.startswith(POSTGRES_SCHEMES)
-
-
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +302,7 @@ def _check(config: Config) -> None:
         raise ConfigError(f"api.workers: expected 1-256, got {api.workers}")
     if api.client_history not in ("reject", "accept"):
         raise ConfigError(f'api.clientHistory: expected "reject" or "accept", got {api.client_history!r}')
-    _check_storage(config.storage)
+    check_storage(config.storage)
     check_telegram_webhook(config.channels.telegram.webhook)
     if not config.agents.defaults.model:
         raise ConfigError("agents.defaults.model: must not be empty")
@@ -344,23 +320,6 @@ def _check(config: Config) -> None:
     for name, server in tools.mcp_servers.items():
         _check_mcp_server(name, server)
     config.provider()  # validates the provider choice
-
-
-def _check_storage(storage: StorageConfig) -> None:
-    if storage.url not in ("", "sqlite") and not storage.is_postgres:
-        # Only the scheme is quoted: the rest of the URL may hold a password.
-        scheme = storage.url.split(":", 1)[0][:20] if ":" in storage.url else "(none)"
-        raise ConfigError(
-            f'storage.url: expected "sqlite" or a postgresql:// URL, got one with scheme {scheme!r}'
-        )
-    for key, bound in (
-        ("poolSize", storage.pool_size),
-        ("connectTimeout", storage.connect_timeout),
-        ("leaseSeconds", storage.lease_seconds),
-        ("probeSeconds", storage.probe_seconds),
-    ):
-        if bound <= 0:
-            raise ConfigError(f"storage.{key}: must be greater than 0")
 
 
 _MCP_TYPES = {"": "", "stdio": "stdio", "streamableHttp": "http", "streamable_http": "http", "http": "http"}

@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from nanobot.config import Config, StorageConfig, safe_url
+from nanobot.config import Config, safe_url
 from nanobot.delivery.lifecycle import notify_server
 from nanobot.errors import StorageError
 from nanobot.storage.outbox import OutboxEntry, State
 from nanobot.storage.sqlite.outbox import connect, select
+from nanobot.storage_config import StorageConfig
 
 USAGE = "usage: nanobot outbox list [--all] | retry ID | drop ID"
 _PREVIEW = 40

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from nanobot.config import StorageConfig
+from nanobot.storage_config import StorageConfig
 
 Work = Callable[[], Awaitable[None]]
 

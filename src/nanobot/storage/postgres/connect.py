@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from nanobot.config import StorageConfig, safe_url
+from nanobot.config import safe_url
 from nanobot.errors import StorageError
 from nanobot.redact import REDACTED, redact, url_passwords
+from nanobot.storage_config import StorageConfig
 
 # What the driver raises for an unreachable, refusing or failing server.
 DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)

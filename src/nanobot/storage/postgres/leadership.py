@@ -27,10 +27,10 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from nanobot.config import StorageConfig
 from nanobot.errors import StorageError
 from nanobot.storage.inbound import Work
 from nanobot.storage.postgres.connect import DRIVER_ERRORS, storage_errors
+from nanobot.storage_config import StorageConfig
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from contextvars import ContextVar
 
 import asyncpg
 
-from nanobot.config import StorageConfig
 from nanobot.errors import StorageError
 from nanobot.storage.base import Lease
 from nanobot.storage.keylock import KeyedLocks
 from nanobot.storage.postgres.connect import DRIVER_ERRORS, QuickCheckout, reason, storage_errors
+from nanobot.storage_config import StorageConfig
 
 log = logging.getLogger(__name__)
 

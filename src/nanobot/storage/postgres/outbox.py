@@ -35,12 +35,12 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from nanobot.config import StorageConfig
 from nanobot.errors import StorageError
 from nanobot.health import StorageHealth
 from nanobot.storage.outbox import DELIVERED_KEEP_SECONDS, NewMessage, OutboxEntry, State
 from nanobot.storage.postgres import outbox_sql as sql
 from nanobot.storage.postgres.connect import DRIVER_ERRORS, reason, storage_errors
+from nanobot.storage_config import StorageConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ import time
 
 import asyncpg
 
-from nanobot.config import StorageConfig
 from nanobot.errors import StorageError
 from nanobot.storage.outbox import OutboxEntry, State
 from nanobot.storage.postgres import outbox_sql as sql
 from nanobot.storage.postgres.connect import describe, reason, storage_errors
+from nanobot.storage_config import StorageConfig
 
 _LIST = f"""
 SELECT {sql.COLUMNS} FROM outbox o WHERE $1::text[] IS NULL OR o.state = ANY($1::text[]) ORDER BY o.id

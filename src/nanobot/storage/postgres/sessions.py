@@ -16,13 +16,13 @@ from collections.abc import Sequence
 import asyncpg
 import orjson
 
-from nanobot.config import StorageConfig
 from nanobot.errors import LeaseLostError, StorageError
 from nanobot.health import StorageHealth
 from nanobot.storage.base import ChatMessage, Lease, NewestTurns, SessionInfo, damaged_data
 from nanobot.storage.postgres.connect import QuickCheckout, storage_errors
 from nanobot.storage.postgres.leases import CHANNEL
 from nanobot.storage.sqlite import session_table
+from nanobot.storage_config import StorageConfig
 
 _COLUMNS = "key, title, created, updated, turns, preview"
 

@@ -14,7 +14,6 @@ import logging
 
 import asyncpg
 
-from nanobot.config import StorageConfig
 from nanobot.health import StorageHealth
 from nanobot.storage.postgres.connect import (
     DRIVER_ERRORS,
@@ -27,6 +26,7 @@ from nanobot.storage.postgres.connect import (
 from nanobot.storage.postgres.leases import PgTurnLeases
 from nanobot.storage.postgres.migrations import migrate
 from nanobot.storage.postgres.sessions import PgSessionBackend
+from nanobot.storage_config import StorageConfig
 
 log = logging.getLogger(__name__)
 
