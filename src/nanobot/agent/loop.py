@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
+from nanobot.agent.prompt import Prompt, images_message, too_long, user_message
 from nanobot.bus import InboundKind, InboundMessage, MessageBus, OutboundKind, OutboundMessage, Usage
 from nanobot.config import AgentDefaults
 from nanobot.errors import (
@@ -32,21 +33,11 @@ from nanobot.metrics import Metrics
 from nanobot.providers.base import LLMResponse
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.providers.sse import DeltaCallback
-from nanobot.storage.sessions import ChatMessage, SessionStore, message_size
+from nanobot.storage.sessions import ChatMessage, SessionStore
 from nanobot.tools import ToolContext, ToolRegistry, ToolResult
 
 log = logging.getLogger(__name__)
 _NO_TOOLS = ToolResult("Error: no tools are available in this turn (tool_choice none)", is_error=True)
-
-
-def user_message(msg: InboundMessage) -> tuple[ChatMessage, ChatMessage]:
-    """The user's message as the model sees it this turn, and as the history keeps it."""
-    stored: ChatMessage = {"role": "user", "content": msg.history_content or msg.content}
-    if not msg.images:
-        return {"role": "user", "content": msg.content}, stored
-    parts: list[dict[str, Any]] = [{"type": "text", "text": msg.content}] if msg.content else []
-    parts.extend({"type": "image_url", "image_url": {"url": img.data_url}} for img in msg.images)
-    return {"role": "user", "content": parts}, stored
 
 
 class StreamPressure(Protocol):
@@ -226,7 +217,7 @@ class AgentLoop:
             history = await self._sessions.history(key) if given is None else list(given)
             live_user, stored_user = user_message(msg)
             context = self._context(msg)
-            prompt = _Prompt([*context, *history, live_user], len(context), len(context) + len(history))
+            prompt = Prompt([*context, *history, live_user], len(context), len(context) + len(history))
             new: list[ChatMessage] = [stored_user]
             answer, finish, usage = await self._loop(msg, prompt, new, on_delta)
             new.append({"role": "assistant", "content": answer})
@@ -239,7 +230,7 @@ class AgentLoop:
         )
 
     async def _loop(
-        self, msg: InboundMessage, prompt: _Prompt, new: list[ChatMessage], on_delta: DeltaCallback | None
+        self, msg: InboundMessage, prompt: Prompt, new: list[ChatMessage], on_delta: DeltaCallback | None
     ) -> tuple[str, str, Usage]:
         """Call the model and run its tools until it answers; returns (answer, finish_reason, usage)."""
         ctx: ToolContext | None = None  # built at the first tool call: most turns make none
@@ -276,7 +267,7 @@ class AgentLoop:
                 if result.images:
                     images.append((call.name, result))
             if images:  # after every tool message: a tool message cannot carry images, nor be split
-                live, stored = _images_message(images)
+                live, stored = images_message(images)
                 messages.append(live)
                 new.append(stored)
         answer = f"(stopped after {limit} tool iterations without a final answer)"
@@ -300,7 +291,7 @@ class AgentLoop:
             OutboundMessage(msg.channel, msg.chat_id, text, OutboundKind.MESSAGE, msg.request_id)
         )
 
-    async def _ask(self, msg: InboundMessage, prompt: _Prompt, on_delta: DeltaCallback | None) -> LLMResponse:
+    async def _ask(self, msg: InboundMessage, prompt: Prompt, on_delta: DeltaCallback | None) -> LLMResponse:
         """One model call; refused for context length, it is tried once more without the oldest turns."""
         defaults = self._defaults
         while True:
@@ -321,7 +312,7 @@ class AgentLoop:
                 outcome = "context_length"
                 had_history = prompt.history_end > prompt.history_start
                 if prompt.trimmed or not prompt.drop_oldest_turns():
-                    raise ContextLengthError(_too_long(exc, had_history)) from exc
+                    raise ContextLengthError(too_long(exc, had_history)) from exc
                 log.info("context length exceeded on %s: retrying without the oldest turns", msg.session_key)
             except BaseException as exc:
                 outcome = _outcome(exc)
@@ -341,73 +332,7 @@ def _outcome(exc: BaseException) -> str:
     return "error"
 
 
-def _images_message(results: list[tuple[str, ToolResult]]) -> tuple[ChatMessage, ChatMessage]:
-    """The tools' images as a user message for the model, and as the history keeps it (placeholders,
-    like uploaded images: the pictures themselves are for this turn only)."""
-    parts: list[dict[str, Any]] = []
-    names: list[str] = []
-    for tool, result in results:
-        parts.append({"type": "text", "text": f"(images returned by the tool {tool})"})
-        for image in result.images:
-            parts.append({"type": "image_url", "image_url": {"url": image.data_url}})
-            names.append(f"[image: {image.name or tool}]")
-    return {"role": "user", "content": parts}, {"role": "user", "content": " ".join(names)}
-
-
 async def _relay(on_delta: DeltaCallback, text: str) -> None:
     waiting = on_delta(text)
     if waiting is not None:
         await waiting
-
-
-def _too_long(exc: ContextLengthError, had_history: bool) -> str:
-    if had_history:
-        return (
-            "This conversation no longer fits the model's context, even with its oldest turns left out. "
-            "Start a new conversation (send a new session_id), or lower max_tokens. "
-            f"Upstream said: {exc.message}"
-        )
-    return (
-        "This message does not fit the model's context: shorten it, send smaller or fewer files, "
-        f"or lower max_tokens. Upstream said: {exc.message}"
-    )
-
-
-class _Prompt:
-    """What is sent to the model this turn; ``messages[history_start:history_end]`` is the history."""
-
-    __slots__ = ("history_end", "history_start", "messages", "trimmed")
-
-    def __init__(self, messages: list[ChatMessage], history_start: int, history_end: int) -> None:
-        self.messages = messages
-        self.history_start = history_start
-        self.history_end = history_end
-        self.trimmed = False
-
-    def drop_oldest_turns(self) -> bool:
-        """Drop the oldest turns (about half the history's text); False when there is none to drop."""
-        start, end = self.history_start, self.history_end
-        if start == end:
-            return False
-        kept = newest_turns(self.messages[start:end])
-        self.messages[start:end] = kept
-        self.history_end = start + len(kept)
-        self.trimmed = True
-        return True
-
-
-def newest_turns(history: list[ChatMessage]) -> list[ChatMessage]:
-    """The newest whole turns of ``history`` holding at most half its text (at least one message
-    fewer), starting at a user message so no tool result loses its call."""
-    sizes = [message_size(m) for m in history]
-    budget = sum(sizes) // 2
-    start = len(history)
-    kept = 0
-    for i in range(len(history) - 1, 0, -1):
-        kept += sizes[i]
-        if kept > budget:
-            break
-        start = i
-    while start < len(history) and history[start].get("role") != "user":
-        start += 1
-    return history[start:]
