@@ -81,3 +81,10 @@ async def client(gateway: str) -> AsyncIterator[openai.AsyncOpenAI]:
     """The official openai client pointed at the gateway (no retries, so errors surface)."""
     async with openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="dummy", max_retries=0) as c:
         yield c
+
+
+@pytest.fixture
+async def telegram_url(fake: Any, aiohttp_server: Callable[..., Awaitable[TestServer]]) -> str:
+    """Where the module's fake Bot API (its ``fake`` fixture) listens."""
+    server = await aiohttp_server(fake.app, access_log=None)
+    return str(server.make_url("")).rstrip("/")

@@ -35,7 +35,8 @@ from nanobot.channels.api import ApiChannel
 from nanobot.config import Config, parse_config
 from nanobot.delivery.manager import ChannelManager, build_channel_manager
 from nanobot.delivery.ownership import LaneOwnership
-from nanobot.storage.outbox import Outbox
+from nanobot.storage.outbox import Outbox, State
+from nanobot.storage.sqlite.outbox import connect, select
 
 TELEGRAM_TOKEN = "123456:SECRET-telegram-token-abc"
 DISCORD_TOKEN = "SECRET.discord.token-xyz"
@@ -614,3 +615,12 @@ async def start_serve(config_path: Path, log_path: Path) -> asyncio.subprocess.P
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "nanobot", "serve", "-c", str(config_path), stdout=log, stderr=log, env=env
         )
+
+
+def outbox_entries(config: Config) -> list[tuple[int, State, str]]:
+    """(id, state, content) of every entry of the workspace's SQLite outbox."""
+    conn = connect(config.agents.defaults.workspace_path / "outbox.db")
+    try:
+        return [(e.id, e.state, e.content) for e in select(conn)]
+    finally:
+        conn.close()

@@ -16,13 +16,13 @@ from aiohttp.test_utils import TestServer
 
 from nanobot.bus import MessageBus, OutboundMessage
 from nanobot.channels.api import ApiChannel
-from nanobot.config import Config
 from nanobot.delivery.manager import build_channel_manager
 from nanobot.storage.outbox import NewMessage, State
-from nanobot.storage.sqlite.outbox import OutboxStore, connect, select
+from nanobot.storage.sqlite.outbox import OutboxStore
 from nanobot.tools import MessageTool, ToolContext
 
 from fake_platforms import Failure, FakeTelegram, make_config, running
+from fake_platforms import outbox_entries as entries
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -47,20 +47,6 @@ async def fake() -> AcceptsThenStalls:
     return AcceptsThenStalls()
 
 
-@pytest.fixture
-async def telegram_url(fake: FakeTelegram, aiohttp_server: ServerFactory) -> str:
-    """Where the fake Bot API listens."""
-    server = await aiohttp_server(fake.app)
-    return str(server.make_url("")).rstrip("/")
-
-
-def entries(config: Config) -> list[tuple[int, State, str]]:
-    """(id, state, content) of every outbox entry."""
-    conn = connect(config.agents.defaults.workspace_path / "outbox.db")
-    try:
-        return [(e.id, e.state, e.content) for e in select(conn)]
-    finally:
-        conn.close()
 
 
 def tool_context(bus: MessageBus) -> ToolContext:

@@ -35,11 +35,6 @@ async def fake() -> fp.FakeTelegram:
     return fp.FakeTelegram()
 
 
-@pytest.fixture
-async def telegram_url(fake: fp.FakeTelegram, aiohttp_server: ServerFactory) -> str:
-    """Where the fake Bot API listens."""
-    server = await aiohttp_server(fake.app, access_log=None)
-    return str(server.make_url("")).rstrip("/")
 
 
 def cli(config: Config, *argv: str) -> str:

@@ -18,10 +18,11 @@ from nanobot.delivery.manager import APOLOGY, ChannelManager, build_channel_mana
 from nanobot.delivery.outbox_cli import outbox_command
 from nanobot.errors import ProviderError
 from nanobot.storage.outbox import NewMessage, State
-from nanobot.storage.sqlite.outbox import OutboxStore, connect, select
+from nanobot.storage.sqlite.outbox import OutboxStore
 from test_group_commit import wal_commits
 
 from fake_platforms import Failure, FakeTelegram, make_config, running
+from fake_platforms import outbox_entries as entries
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -32,20 +33,6 @@ async def fake() -> FakeTelegram:
     return FakeTelegram()
 
 
-@pytest.fixture
-async def telegram_url(fake: FakeTelegram, aiohttp_server: ServerFactory) -> str:
-    """Where the fake Bot API listens."""
-    server = await aiohttp_server(fake.app)
-    return str(server.make_url("")).rstrip("/")
-
-
-def entries(config: Config) -> list[tuple[int, State, str]]:
-    """(id, state, content) of every outbox entry."""
-    conn = connect(config.agents.defaults.workspace_path / "outbox.db")
-    try:
-        return [(e.id, e.state, e.content) for e in select(conn)]
-    finally:
-        conn.close()
 
 
 def run_cli(config: Config, *argv: str, code: int) -> str:
