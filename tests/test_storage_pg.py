@@ -19,6 +19,7 @@ from nanobot.config import parse_config
 from nanobot.errors import ConfigError, LeaseLostError, StorageError
 from nanobot.redact import config_secrets
 from nanobot.storage.postgres import SCHEMA_VERSION, PgStorage
+from nanobot.storage.postgres.leases import CHANNEL, _digest
 from nanobot.storage.sessions import SessionStore
 from nanobot.storage_config import StorageConfig
 from pg import _QUOTED_PASSWORD, PASSWORD, PgServer
@@ -161,6 +162,38 @@ async def test_waiters_in_one_process_are_served_in_order(open_storage: Opener) 
     await storage.leases.release("api:q", lease.token)
     await asyncio.wait_for(asyncio.gather(*waiters), 30)
     assert order == [f"w{i}" for i in range(5)]
+
+
+async def test_only_a_release_someone_waited_for_is_announced(pg_url: str, open_storage: Opener) -> None:
+    """An uncontended turn sends no NOTIFY (it took a lock that serialised every commit on the
+    server); a release with a waiter still wakes it. Notifications arrive in commit order, so
+    once the contended one is seen, an earlier uncontended one would have been seen before it."""
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(pg_url)
+    await listener.add_listener(CHANNEL, lambda _c, _p, _ch, payload: heard.put_nowait(payload))
+    try:
+        one, two = await open_storage(), await open_storage()
+        quiet = await one.leases.acquire("api:quiet", "one", 3600)
+        await one.sessions.append("api:quiet", TURN, quiet)  # (the write gives the lease back)
+        alone = await one.leases.acquire("api:alone", "one", 3600)
+        assert await one.leases.release("api:alone", alone.token)
+        held = await one.leases.acquire("api:busy", "one", 3600)
+        waiting = asyncio.create_task(two.leases.acquire("api:busy", "two", 3600))
+        await tried(one, held.token + 1)
+        await one.sessions.append("api:busy", TURN, held)
+        second = await asyncio.wait_for(waiting, 30)
+        assert await asyncio.wait_for(heard.get(), 30) == _digest("api:busy")
+        assert heard.empty()
+        assert await two.leases.release("api:busy", second.token)  # (nobody waited this time)
+        again = await one.leases.acquire("api:busy", "one", 3600)
+        waiting = asyncio.create_task(two.leases.acquire("api:busy", "two", 3600))
+        await tried(one, again.token + 1)
+        assert await one.leases.release("api:busy", again.token)  # (the release statement's own NOTIFY)
+        await two.leases.release("api:busy", (await asyncio.wait_for(waiting, 30)).token)
+        assert await asyncio.wait_for(heard.get(), 30) == _digest("api:busy")
+        assert heard.empty()
+    finally:
+        await listener.close()
 
 
 async def test_a_crashed_holder_blocks_its_session_only_until_the_lease_ends(open_storage: Opener) -> None:

@@ -33,7 +33,8 @@ import asyncpg
 from nanobot.errors import StorageError
 from nanobot.storage.base import Lease
 from nanobot.storage.keylock import KeyedLocks
-from nanobot.storage.postgres.connect import DRIVER_ERRORS, QuickCheckout, reason, storage_errors
+from nanobot.storage.postgres.batches import Row, Statement, StatementGroups
+from nanobot.storage.postgres.connect import DRIVER_ERRORS, reason, storage_errors
 from nanobot.storage_config import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,14 @@ CHANNEL = "nanobot_turn_lease"
 # Take the lease if it is free or expired (with the session's version); else say how long the
 # current one has left (NULL when it was released meanwhile: try again). See migrations._V2_storage.
 _ACQUIRE = "SELECT token, remaining, version FROM nanobot_take_turn_lease($1, $2, $3)"
+_ACQUIRE_GROUPED = "SELECT session, token, remaining, version FROM nanobot_take_turn_leases($1, $2, $3)"
 _RENEW = """
 UPDATE turn_leases SET expires_at = clock_timestamp() + make_interval(secs => $3)
 WHERE session = $1 AND token = $2
 """
 _RELEASE = f"""
-WITH gone AS (DELETE FROM turn_leases WHERE session = $1 AND token = $2 RETURNING session)
-SELECT pg_notify('{CHANNEL}', md5(session)) FROM gone
+WITH gone AS (DELETE FROM turn_leases WHERE session = $1 AND token = $2 RETURNING session, waited)
+SELECT CASE WHEN waited THEN pg_notify('{CHANNEL}', md5(session)) END FROM gone
 """
 _RACE_RETRY = 0.01  # seconds before trying again after the race above (rare)
 
@@ -63,12 +65,24 @@ def _digest(key: str) -> str:
     return hashlib.md5(key.encode(), usedforsecurity=False).hexdigest()
 
 
+_Attempt = tuple[int | None, float | None, int | None]  # token, remaining, version
+
+
+def _taken(_key: str, row: Row) -> _Attempt:
+    """An attempt's outcome: (token, None, version) when taken, else (None, seconds the current
+    lease has left or None when it was released meanwhile, None)."""
+    if row is None:  # (a grouped attempt's session whose lease went away meanwhile)
+        return None, None, None
+    return row["token"], row["remaining"], row["version"]
+
+
 class PgTurnLeases:
     """Session turn leases with fencing tokens, shared by every process on one database."""
 
-    def __init__(self, pool: asyncpg.Pool, config: StorageConfig, quick: QuickCheckout) -> None:
+    def __init__(self, pool: asyncpg.Pool, config: StorageConfig, groups: StatementGroups) -> None:
         self._pool = pool
-        self._quick = quick  # (the per-turn statement: taking the lease)
+        self._groups = groups  # (the per-turn statement: taking the lease)
+        self._take = Statement("cannot take a session lease", _ACQUIRE, _ACQUIRE_GROUPED, _taken)
         self._url = config.url
         self._ttl = config.lease_seconds
         self._name = f"{socket.gethostname()}:{os.getpid()}"  # the holder, for diagnostics
@@ -173,25 +187,23 @@ class PgTurnLeases:
                 if not waiting:
                     del self._wakeups[digest]
 
-    async def _try(self, key: str, holder: str, ttl: float) -> tuple[int | None, float | None, int | None]:
+    async def _try(self, key: str, holder: str, ttl: float) -> _Attempt:
         """One attempt; shielded, so a cancelled caller cannot leave a lease nobody knows of."""
-        attempt = asyncio.ensure_future(self._quick.fetchrow(_ACQUIRE, key, holder, ttl))
+        attempt: asyncio.Future[_Attempt]
+        attempt = self._groups.submit(self._take, key, holder, ttl)
         try:
-            with storage_errors("cannot take a session lease", self._url):
-                row = await asyncio.shield(attempt)
+            return await asyncio.shield(attempt)
         except asyncio.CancelledError:
             cleanup = asyncio.ensure_future(self._undo(key, attempt))
             self._cleanups.add(cleanup)
             cleanup.add_done_callback(self._cleanups.discard)
             raise
-        assert row is not None  # (the statement always returns one row)
-        return row["token"], row["remaining"], row["version"]
 
-    async def _undo(self, key: str, attempt: asyncio.Future[asyncpg.Record | None]) -> None:
+    async def _undo(self, key: str, attempt: asyncio.Future[_Attempt]) -> None:
         try:
-            row = await attempt
-            if row is not None and row["token"] is not None:
-                await self.release(key, row["token"])
+            token, _remaining, _version = await attempt
+            if token is not None:
+                await self.release(key, token)
         except (StorageError, *DRIVER_ERRORS) as exc:
             log.warning("a cancelled turn's session lease expires on its own: %s", reason(exc, self._url))
 

@@ -123,7 +123,70 @@ _V2_outbox = (
     )""",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_storage, _V2_outbox)
+# A release announces itself (NOTIFY) only when someone waited for that lease: a failed attempt
+# marks the row ``waited``. NOTIFY takes a lock held from the commit's start to its end that
+# every notifying transaction on the server needs, so announcing every turn's release serialised
+# the turns' commits; the uncontended turn, nearly every turn, now sends none.
+#
+# And the lease taken for many sessions in one statement (see batches.py): the same steps over
+# arrays, rows locked in key order (as the grouped turn write does) so that two groups never wait
+# on each other in a circle. A row per session: the token and version when taken, else how long
+# the current lease has left (no row at all: it was released meanwhile, try again).
+_V3_leases = (
+    "ALTER TABLE turn_leases ADD COLUMN waited BOOLEAN NOT NULL DEFAULT false",
+    """CREATE OR REPLACE FUNCTION nanobot_take_turn_lease(
+        p_session TEXT, p_holder TEXT, p_ttl DOUBLE PRECISION,
+        OUT token BIGINT, OUT remaining DOUBLE PRECISION, OUT version BIGINT
+    ) LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO turn_leases AS l (session, holder, token, expires_at)
+        VALUES (p_session, p_holder, nextval('turn_lease_tokens'),
+                clock_timestamp() + make_interval(secs => p_ttl))
+        ON CONFLICT (session) DO UPDATE
+            SET holder = EXCLUDED.holder, token = EXCLUDED.token, expires_at = EXCLUDED.expires_at,
+                waited = false
+            WHERE l.expires_at <= clock_timestamp()
+        RETURNING l.token INTO token;
+        IF token IS NULL THEN
+            UPDATE turn_leases AS l SET waited = true WHERE l.session = p_session
+            RETURNING EXTRACT(EPOCH FROM l.expires_at - clock_timestamp())::float8 INTO remaining;
+        ELSE
+            SELECT max(t.id) INTO version FROM turns AS t WHERE t.session = p_session;
+        END IF;
+    END
+    $$""",
+    """CREATE FUNCTION nanobot_take_turn_leases(
+        p_sessions TEXT[], p_holders TEXT[], p_ttls DOUBLE PRECISION[]
+    ) RETURNS TABLE (session TEXT, token BIGINT, remaining DOUBLE PRECISION, version BIGINT)
+    LANGUAGE plpgsql AS $$
+    #variable_conflict use_column
+    DECLARE
+        won TEXT[];
+        tokens BIGINT[];
+    BEGIN
+        WITH taken AS (
+            INSERT INTO turn_leases AS l (session, holder, token, expires_at)
+            SELECT x.s, x.h, nextval('turn_lease_tokens'), clock_timestamp() + make_interval(secs => x.t)
+            FROM unnest(p_sessions, p_holders, p_ttls) AS x(s, h, t) ORDER BY x.s
+            ON CONFLICT (session) DO UPDATE
+                SET holder = EXCLUDED.holder, token = EXCLUDED.token, expires_at = EXCLUDED.expires_at,
+                    waited = false
+                WHERE l.expires_at <= clock_timestamp()
+            RETURNING l.session, l.token
+        ) SELECT array_agg(taken.session), array_agg(taken.token) INTO won, tokens FROM taken;
+        RETURN QUERY
+            SELECT x.s, x.t, NULL::float8, (SELECT max(t.id) FROM turns AS t WHERE t.session = x.s)
+            FROM unnest(won, tokens) AS x(s, t);
+        RETURN QUERY
+            UPDATE turn_leases AS l SET waited = true
+            WHERE l.session = ANY (p_sessions) AND (won IS NULL OR l.session <> ALL (won))
+            RETURNING l.session, NULL::bigint,
+                EXTRACT(EPOCH FROM l.expires_at - clock_timestamp())::float8, NULL::bigint;
+    END
+    $$""",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_storage, _V2_outbox, _V3_leases)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # pg_advisory_lock key of the migrations: the bytes of "nanobot" read as one number.

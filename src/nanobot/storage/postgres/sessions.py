@@ -16,10 +16,11 @@ from collections.abc import Sequence
 import asyncpg
 import orjson
 
-from nanobot.errors import LeaseLostError, StorageError
+from nanobot.errors import LeaseLostError
 from nanobot.health import StorageHealth
 from nanobot.storage.base import ChatMessage, Lease, NewestTurns, SessionInfo, damaged_data
-from nanobot.storage.postgres.connect import QuickCheckout, storage_errors
+from nanobot.storage.postgres.batches import Row, Statement, StatementGroups
+from nanobot.storage.postgres.connect import storage_errors
 from nanobot.storage.postgres.leases import CHANNEL
 from nanobot.storage.sqlite import session_table
 from nanobot.storage_config import StorageConfig
@@ -28,8 +29,9 @@ _COLUMNS = "key, title, created, updated, turns, preview"
 
 # One round trip per turn: the fence (the lease row locked, so the lease cannot change hands
 # before this commits), the turn, its session row (created, or moved forward) and, with $6, the
-# lease given back with its waiters woken (NOTIFY is sent at commit). The new turn's id is the
-# session's version; NULL when the fence refused the write.
+# lease given back with its waiters woken (NOTIFY, sent at commit, only when someone waited: see
+# migrations._V3_leases). The new turn's id is the session's version; NULL when the fence
+# refused the write.
 _APPEND = f"""
 WITH fence AS (
     SELECT 1 FROM turn_leases WHERE session = $1 AND token = $5 FOR UPDATE
@@ -47,10 +49,44 @@ WITH fence AS (
 ), gone AS (
     DELETE FROM turn_leases
     WHERE $6::boolean AND session = $1 AND token = $5 AND EXISTS (SELECT 1 FROM turn)
-    RETURNING session
+    RETURNING session, waited
 )
 SELECT (SELECT id FROM turn) AS version,
-       (SELECT count(pg_notify('{CHANNEL}', md5(session))) FROM gone) AS woken
+       (SELECT count(pg_notify('{CHANNEL}', md5(session))) FROM gone WHERE waited) AS woken
+"""
+
+
+# The same for many turns at once (see batches.py), each fenced on its own: a row per session, its
+# version NULL where its fence refused. Rows are locked in key order (as the grouped lease taking
+# does), so two groups never wait on each other in a circle.
+_APPEND_GROUPED = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::int8[], $6::bool[])
+        AS i(session, data, title, preview, token, release)
+), fence AS (
+    SELECT l.session FROM turn_leases AS l JOIN input AS i ON l.session = i.session AND l.token = i.token
+    ORDER BY l.session FOR UPDATE OF l
+), ok AS (
+    SELECT i.* FROM input AS i WHERE i.token IS NULL OR i.session IN (SELECT session FROM fence)
+), turn AS (
+    INSERT INTO turns (session, data) SELECT session, data FROM ok ORDER BY session
+    RETURNING id, session
+), moved AS (
+    INSERT INTO sessions AS s (key, title, created, updated, turns, preview)
+    SELECT ok.session, ok.title, t.now, t.now, 1, ok.preview
+    FROM ok, (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now) AS t ORDER BY ok.session
+    ON CONFLICT (key) DO UPDATE
+        SET updated = EXCLUDED.updated, turns = s.turns + 1, preview = EXCLUDED.preview
+    RETURNING 1
+), gone AS (
+    DELETE FROM turn_leases AS l USING ok
+    WHERE ok.release AND l.session = ok.session AND l.token = ok.token
+    RETURNING l.session, l.waited
+), woken AS (
+    SELECT count(pg_notify('{CHANNEL}', md5(session))) AS n FROM gone WHERE waited
+)
+SELECT i.session, turn.id AS version, (SELECT n FROM woken) AS woken
+FROM input AS i LEFT JOIN turn USING (session)
 """
 
 
@@ -63,13 +99,15 @@ class PgSessionBackend:
     """Session history on PostgreSQL: every process sees every turn, whichever process ran it."""
 
     def __init__(
-        self, pool: asyncpg.Pool, config: StorageConfig, health: StorageHealth, quick: QuickCheckout
+        self, pool: asyncpg.Pool, config: StorageConfig, health: StorageHealth, groups: StatementGroups
     ) -> None:
         self._pool = pool
-        self._quick = quick  # (the per-turn statement: writing the turn)
+        self._groups = groups  # (the per-turn statement: writing the turn)
         self._url = config.url
         self._health = health  # flipped by each turn's write, for /health/ready
-        self._writes: set[asyncio.Future[int | None]] = set()
+        self._write = Statement(
+            "cannot save the conversation", _APPEND, _APPEND_GROUPED, self._written, health.failed
+        )
 
     async def keys(self) -> set[str]:
         """Every session key that has history."""
@@ -99,25 +137,13 @@ class PgSessionBackend:
         data = orjson.dumps(messages)
         title, preview = session_table.summarize(messages)
         token = None if lease is None else lease.token
-        write = asyncio.ensure_future(
-            self._append(key, data, _no_nul(title), _no_nul(preview), token, release and token is not None)
-        )
-        self._writes.add(write)
-        write.add_done_callback(self._writes.discard)
-        return write
+        release = release and token is not None
+        return self._groups.submit(self._write, key, data, _no_nul(title), _no_nul(preview), token, release)
 
-    async def _append(
-        self, key: str, data: bytes, title: str, preview: str, token: int | None, release: bool
-    ) -> int | None:
-        try:
-            with storage_errors("cannot save the conversation", self._url):
-                row = await self._quick.fetchrow(_APPEND, key, data, title, preview, token, release)
-        except StorageError:
-            self._health.failed()
-            raise
+    def _written(self, key: str, row: Row) -> int:
+        """What a turn's write resolves to: the session's new version (called by the sender)."""
         self._health.succeeded()
-        assert row is not None  # (the statement always returns one row)
-        written: int | None = row["version"]
+        written: int | None = None if row is None else row["version"]
         if written is None:
             raise LeaseLostError(
                 f"the turn on session {key!r} was not saved: it ran past its lease and another "
@@ -177,6 +203,5 @@ class PgSessionBackend:
         return removed != "DELETE 0" or turns != "DELETE 0"
 
     async def close(self) -> None:
-        """Wait for the writes under way (the pool itself belongs to :class:`PgStorage`)."""
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        """Nothing of its own to close: the writes under way are the statement groups', which
+        :class:`PgStorage` finishes (as it closes the pool)."""

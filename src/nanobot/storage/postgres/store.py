@@ -15,9 +15,9 @@ import logging
 import asyncpg
 
 from nanobot.health import StorageHealth
+from nanobot.storage.postgres.batches import StatementGroups
 from nanobot.storage.postgres.connect import (
     DRIVER_ERRORS,
-    QuickCheckout,
     create_pool,
     describe,
     reason,
@@ -40,10 +40,11 @@ class PgStorage:
         self.pool = pool
         self.schema_found = schema_found  # the version before this start's migrations (0: new)
         self.health = health
-        # The two statements of every turn keep up to half the pool between turns.
-        self._quick = QuickCheckout(pool, max(1, config.pool_size // 2))
-        self.sessions = PgSessionBackend(pool, config, health, self._quick)
-        self.leases = PgTurnLeases(pool, config, self._quick)
+        # The two statements of every turn keep up to half the pool between turns (the rest is
+        # for the outbox, listings and the like), grouped when those are all busy.
+        self._groups = StatementGroups(pool, max(1, config.pool_size // 2), config.url)
+        self.sessions = PgSessionBackend(pool, config, health, self._groups)
+        self.leases = PgTurnLeases(pool, config, self._groups)
         self._config = config
         self._probe = asyncio.create_task(self._probing(), name="nanobot-storage-probe")
 
@@ -74,7 +75,7 @@ class PgStorage:
         await asyncio.wait([self._probe])  # (its CancelledError stays its own)
         await self.sessions.close()
         await self.leases.close()
-        await self._quick.close()
+        await self._groups.close()
         if not self.pool.is_closing():
             await self.pool.close()
         self.health.closed()
