@@ -90,17 +90,18 @@ async def drive(url: str, n: int, conc: int, tag: str) -> int:
     return failed
 
 
-def _proc_counts(pid: int) -> tuple[float, int]:
-    """(CPU seconds, context switches) of ``pid`` so far, all threads."""
+def _proc_counts(pid: int) -> tuple[float, float, int]:
+    """(user CPU seconds, system CPU seconds, context switches) of ``pid`` so far, all threads."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    user, system = int(fields[11]) / tick, int(fields[12]) / tick
     switches = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         for line in (task / "status").read_text().splitlines():
             if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                 switches += int(line.split()[1])
-    return cpu, switches
+    return user, system, switches
 
 
 def measure_proc(name: str, pid: int, url: str, args: argparse.Namespace) -> dict[str, float]:
@@ -108,12 +109,13 @@ def measure_proc(name: str, pid: int, url: str, args: argparse.Namespace) -> dic
     asyncio.run(drive(url, args.warmup, 4, f"{name}-warm"))
     result: dict[str, float] = {}
     for conc in args.conc:
-        cpu0, sw0 = _proc_counts(pid)
+        user0, sys0, sw0 = _proc_counts(pid)
         failed = asyncio.run(drive(url, args.n, conc, f"{name}-c{conc}-{time.monotonic_ns()}"))
-        cpu1, sw1 = _proc_counts(pid)
+        user1, sys1, sw1 = _proc_counts(pid)
         if failed:
             raise HarnessError(f"{name}: {failed} of {args.n} requests failed at c={conc}")
-        result[f"c{conc}_cpu_us"] = (cpu1 - cpu0) * 1e6 / args.n
+        result[f"c{conc}_cpu_us"] = (user1 - user0 + sys1 - sys0) * 1e6 / args.n
+        result[f"c{conc}_system_us"] = (sys1 - sys0) * 1e6 / args.n
         result[f"c{conc}_switches"] = (sw1 - sw0) / args.n
     return result
 

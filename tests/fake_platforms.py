@@ -400,6 +400,7 @@ class FakeDiscord(Recorder):
         self.resumes: list[dict[str, Any]] = []
         self.heartbeats: list[int | None] = []
         self.session_id = "fake-session-1"
+        self.ended_sessions: list[str] = []  # closed by the client with 1000/1001: not resumable
         self.events: list[dict[str, Any]] = []  # every dispatch sent, for replay on RESUME
         self.ws: web.WebSocketResponse | None = None
         self.connections = 0  # Gateway websockets open now
@@ -496,7 +497,9 @@ class FakeDiscord(Recorder):
         event = {"op": 0, "t": name, "s": len(self.events) + 1, "d": data}
         self.events.append(event)
         if self.ws is not None and not self.ws.closed:
-            await self.ws.send_str(orjson.dumps(event).decode())
+            # (a peer that died without a word: not delivered, kept for replay like any other)
+            with contextlib.suppress(ConnectionResetError):
+                await self.ws.send_str(orjson.dumps(event).decode())
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True)
@@ -513,7 +516,14 @@ class FakeDiscord(Recorder):
         await ws.send_str(
             orjson.dumps({"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval_ms}}).decode()
         )
-        async for frame in ws:
+        client_close = None  # the code of a close the client started
+        while True:
+            frame = await ws.receive()
+            if frame.type == WSMsgType.CLOSE:
+                client_close = frame.data
+                break
+            if frame.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                break
             if frame.type != WSMsgType.TEXT and frame.type != WSMsgType.BINARY:
                 continue
             payload = orjson.loads(frame.data)
@@ -527,6 +537,9 @@ class FakeDiscord(Recorder):
             elif op == 6:
                 await self._resume(ws, payload["d"])
             await self.changed()
+        if client_close in (1000, 1001) and self.ws is ws:  # (as Discord: a clean close ends the session)
+            self.ended_sessions.append(self.session_id)
+            self.session_id = f"fake-session-{len(self.ended_sessions) + 1}"
         if self.ws is ws:
             self.ws = None
         await self.changed()

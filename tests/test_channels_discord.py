@@ -164,8 +164,9 @@ async def test_dropped_connection_resumes_and_replays(fake: FakeDiscord, tmp_pat
         await fake.until(lambda: bool(fake.resumes))
         assert (await next_inbound(bus)).content == "while away"
     [resume] = fake.resumes
-    assert (resume["session_id"], resume["seq"], resume["token"]) == (fake.session_id, 2, DISCORD_TOKEN)
+    assert (resume["session_id"], resume["seq"], resume["token"]) == ("fake-session-1", 2, DISCORD_TOKEN)
     assert len(fake.identifies) == 1
+    assert fake.ended_sessions == ["fake-session-1"]  # (one process alone ends its session as it stops)
 
 
 async def test_reconnect_request_resumes(fake: FakeDiscord, tmp_path: Path) -> None:

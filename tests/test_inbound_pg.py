@@ -121,11 +121,13 @@ async def test_one_process_polls_telegram_and_another_takes_over_without_repeats
             assert "Traceback" not in proc.log, proc.log
 
 
+@pytest.mark.parametrize("end", ["killed", "stopped"])
 async def test_one_process_holds_the_discord_gateway_session(
-    tmp_path: Path, fake_llm: FakeLLM, pg_url: str, aiohttp_server: Start
+    tmp_path: Path, fake_llm: FakeLLM, pg_url: str, aiohttp_server: Start, end: str
 ) -> None:
-    """Two servers on one Discord bot open one Gateway session; when its holder dies the other
-    connects, and a message is answered once."""
+    """Two servers on one Discord bot open one Gateway session; when its holder dies (kill -9) or
+    is stopped (SIGTERM, as in a rolling restart) the other resumes that session, so what was sent
+    while nobody was connected is replayed and answered, and nothing is answered twice."""
     discord = FakeDiscord()
     server = await aiohttp_server(discord.app)
     root = str(server.make_url("")).rstrip("/")
@@ -140,14 +142,22 @@ async def test_one_process_holds_the_discord_gateway_session(
         await discord.until(lambda: len(discord.identifies) == 1 and discord.ws is not None, within=DEADLINE)
         await discord.dispatch_message("77", "hello discord")
         await seen_by_llm(fake_llm, "hello discord")
-        leader.proc.kill()
+        if end == "killed":
+            leader.proc.kill()
+        else:
+            leader.terminate()  # (it closes its connection so that the session stays resumable)
         await leader.proc.wait()
-        await discord.until(lambda: len(discord.identifies) == 2 and discord.ws is not None, within=DEADLINE)
+        await discord.dispatch_message("77", "sent while nobody was connected")
+        await discord.until(lambda: len(discord.resumes) == 1 and discord.ws is not None, within=DEADLINE)
         follower = next(p for p in procs if p is not leader)
         assert await leader_flags(http, [follower], "discord") == [1]
+        assert discord.resumes[0]["session_id"] == discord.session_id and len(discord.identifies) == 1
+        assert discord.ended_sessions == []
+        await seen_by_llm(fake_llm, "sent while nobody was connected")  # (replayed on RESUME)
         await discord.dispatch_message("77", "after the takeover")
         await seen_by_llm(fake_llm, "after the takeover")
         assert turns_for(fake_llm, "hello discord") == 1
+        assert turns_for(fake_llm, "sent while nobody was connected") == 1
         assert discord.most_connections == 1
 
 

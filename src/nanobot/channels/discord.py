@@ -34,7 +34,7 @@ from nanobot.channels.files import FileIntake, FileLimits, RemoteFile, download,
 from nanobot.channels.text import split_markdown
 from nanobot.config import Config, DiscordConfig
 from nanobot.errors import ChannelPermanentError, ChannelRetryableError, RequestError, StorageError
-from nanobot.storage.inbound import ChannelInbound, SoloInbound, open_inbound
+from nanobot.storage.inbound import ChannelInbound, ResumePoint, SoloInbound, open_inbound
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,16 @@ class DiscordChannel(Channel):
     async def _connect(self) -> None:
         """Hold the Gateway session (while this process leads: cancelled when the lead is lost)."""
         assert self._session is not None  # (started)
-        gateway = self._gateway = DiscordGateway(self._session, self._config, self._on_dispatch)
+        gateway = self._gateway = DiscordGateway(
+            self._session, self._config, self._on_dispatch, hand_over=self._inbound.shared
+        )
+        try:  # the session the last leader held (a process that died): resumed, Discord replays the gap
+            saved = await self._inbound.resume_point()
+        except StorageError as exc:
+            log.warning("discord: last leader's session unknown (%s); identifying afresh", exc.message)
+            saved = None
+        if saved is not None:
+            gateway.session_id, gateway.resume_url, gateway.seq = saved
         try:
             await gateway.run()
         finally:
@@ -202,14 +211,26 @@ class DiscordChannel(Channel):
 
     # ----------------------------------------------------------------------- receiving
 
+    def _resume_point(self) -> ResumePoint | None:
+        gateway = self._gateway
+        if gateway is None or not gateway.session_id or gateway.seq is None:
+            return None
+        return ResumePoint(gateway.session_id, gateway.resume_url, gateway.seq)
+
     async def _on_dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Hand on a ``MESSAGE_CREATE`` no process took before (its id recorded first)."""
+        """Hand on a ``MESSAGE_CREATE`` no process took before (its id recorded first, with where
+        the session stands, for the next leader)."""
+        if event == "READY" and (resume := self._resume_point()) is not None:
+            try:  # (a new session: the next leader resumes this one, not the one before)
+                await self._inbound.fresh([], resume)
+            except StorageError as exc:
+                log.warning("discord: session not recorded (%s)", exc.message)
         if event != "MESSAGE_CREATE":
             return
         message_id = data.get("id")
         if isinstance(message_id, str) and message_id:
             try:
-                if not await self._inbound.fresh([message_id]):
+                if not await self._inbound.fresh([message_id], self._resume_point()):
                     return
             except StorageError as exc:  # (the Gateway will not send it again: handle it unrecorded)
                 log.warning("discord: message id not recorded (%s)", exc.message)

@@ -13,6 +13,7 @@ the connection for good, with one error line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -52,9 +53,17 @@ class DiscordGateway:
     """A self-healing Gateway connection that hands every dispatch event to ``on_dispatch``."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, config: DiscordConfig, on_dispatch: DispatchHandler
+        self,
+        session: aiohttp.ClientSession,
+        config: DiscordConfig,
+        on_dispatch: DispatchHandler,
+        *,
+        hand_over: bool = False,
     ) -> None:
         self._session = session
+        # Stopped (cancelled), close so that the session stays resumable: another process takes
+        # it over and Discord replays what it sent meanwhile. (Else a clean close, which ends it.)
+        self._hand_over = hand_over
         self._config = config
         self._on_dispatch = on_dispatch
         self._task: asyncio.Task[None] | None = None
@@ -114,6 +123,11 @@ class DiscordGateway:
             try:
                 await ws.send_bytes(orjson.dumps(self._resume() if self.session_id else self._identify()))
                 return await self._listen(ws)
+            except asyncio.CancelledError:
+                if self._hand_over:
+                    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                        await asyncio.wait_for(ws.close(code=_RESUMABLE_CLOSE), HELLO_TIMEOUT)
+                raise
             finally:
                 beat.cancel()
                 await asyncio.gather(beat, return_exceptions=True)

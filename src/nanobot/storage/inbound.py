@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from nanobot.storage_config import StorageConfig
 
@@ -24,8 +24,22 @@ Work = Callable[[], Awaitable[None]]
 RECENT_IDS = 10_000  # ids a single process remembers (a retried webhook call comes within minutes)
 
 
+class ResumePoint(NamedTuple):
+    """Where a Discord Gateway session stands: a new leader RESUMEs it (Discord replays what was
+    sent since ``seq``) instead of identifying afresh, which would lose what arrived meanwhile."""
+
+    session_id: str
+    resume_url: str
+    seq: int
+
+
 class ChannelInbound(Protocol):
     """One channel's inbound side in this process: leadership and the record of update ids."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may lead the channel after this one."""
+        ...
 
     @property
     def leading(self) -> bool:
@@ -37,11 +51,16 @@ class ChannelInbound(Protocol):
         it when the lead is lost, wait again. Returns when ``work`` returns."""
         ...
 
-    async def fresh(self, ids: Sequence[str]) -> list[str]:
-        """Record ``ids`` as taken and return those never taken before, in order.
+    async def fresh(self, ids: Sequence[str], resume: ResumePoint | None = None) -> list[str]:
+        """Record ``ids`` as taken and return those never taken before, in order; with
+        ``resume``, also where the channel's session stands (in the same write).
 
         Raises StorageError when they cannot be recorded: then none may be handed on yet.
         """
+        ...
+
+    async def resume_point(self) -> ResumePoint | None:
+        """Where the last leader's session stood (None: none saved, or nothing to share)."""
         ...
 
     async def close(self) -> None:
@@ -57,6 +76,11 @@ class SoloInbound:
         self._remember = remember
 
     @property
+    def shared(self) -> bool:
+        """Never: no other process can share this workspace."""
+        return False
+
+    @property
     def leading(self) -> bool:
         """Always: no other process can share this workspace."""
         return True
@@ -65,14 +89,19 @@ class SoloInbound:
         """Run ``work`` at once."""
         await work()
 
-    async def fresh(self, ids: Sequence[str]) -> list[str]:
-        """The ids not among the last :data:`RECENT_IDS` seen, now remembered."""
+    async def fresh(self, ids: Sequence[str], resume: ResumePoint | None = None) -> list[str]:
+        """The ids not among the last :data:`RECENT_IDS` seen, now remembered (``resume`` is not
+        needed: this process's own Gateway client keeps its session)."""
         new = [i for i in dict.fromkeys(ids) if i not in self._recent]
         for update_id in new:
             self._recent[update_id] = None
         while len(self._recent) > self._remember:
             self._recent.popitem(last=False)
         return new
+
+    async def resume_point(self) -> ResumePoint | None:
+        """None: no other process ever held the session."""
+        return None
 
     async def close(self) -> None:
         """Nothing to release (the ids stay remembered across a restart of the channel)."""

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from nanobot.errors import StorageError
-from nanobot.storage.inbound import Work
+from nanobot.storage.inbound import ResumePoint, Work
 from nanobot.storage.postgres.connect import DRIVER_ERRORS, storage_errors
 from nanobot.storage_config import StorageConfig
 
@@ -55,6 +55,18 @@ _RECORD = """
 INSERT INTO inbound_updates (channel, update_id) SELECT $1, unnest($2::text[])
 ON CONFLICT DO NOTHING RETURNING update_id
 """
+# The same, and where the channel's session stands, in one statement (one round trip, one commit).
+_RECORD_AT = """
+WITH saved AS (
+    INSERT INTO inbound_sessions AS s (channel, session_id, resume_url, seq) VALUES ($1, $3, $4, $5)
+    ON CONFLICT (channel) DO UPDATE SET session_id = EXCLUDED.session_id,
+        resume_url = EXCLUDED.resume_url, seq = EXCLUDED.seq, saved_at = now()
+    RETURNING 1
+)
+INSERT INTO inbound_updates (channel, update_id) SELECT $1, unnest($2::text[])
+ON CONFLICT DO NOTHING RETURNING update_id
+"""
+_RESUME_POINT = "SELECT session_id, resume_url, seq FROM inbound_sessions WHERE channel = $1"
 _PRUNE = "DELETE FROM inbound_updates WHERE channel = $1 AND seen_at < now() - make_interval(secs => $2)"
 
 
@@ -85,6 +97,11 @@ class PgChannelInbound:
 
     def __repr__(self) -> str:
         return f"PgChannelInbound({self.name!r}, leading={self._leading})"
+
+    @property
+    def shared(self) -> bool:
+        """Always: every process on the database may lead the channel."""
+        return True
 
     @property
     def leading(self) -> bool:
@@ -164,10 +181,11 @@ class PgChannelInbound:
                 self._drop()  # if the server still holds the lock, closing frees it
                 return
 
-    async def fresh(self, ids: Sequence[str]) -> list[str]:
-        """Record ``ids``; those no process took before, in order (StorageError: none recorded)."""
+    async def fresh(self, ids: Sequence[str], resume: ResumePoint | None = None) -> list[str]:
+        """Record ``ids`` (and ``resume``); those no process took before, in order (StorageError:
+        none recorded)."""
         unique = list(dict.fromkeys(ids))
-        if not unique:
+        if not unique and resume is None:
             return []
         doing = f"cannot record {self._channel} update ids"
         try:
@@ -178,12 +196,27 @@ class PgChannelInbound:
                     if time.monotonic() - self._pruned_at > PRUNE_EVERY:
                         await conn.execute(_PRUNE, self.name, KEEP_SECONDS)
                         self._pruned_at = time.monotonic()
-                    rows = await conn.fetch(_RECORD, self.name, unique)
+                    if resume is None:
+                        rows = await conn.fetch(_RECORD, self.name, unique)
+                    else:
+                        rows = await conn.fetch(_RECORD_AT, self.name, unique, *resume)
         except TimeoutError:
             self._drop()  # (a leader steps down with it: the database does not answer)
             raise StorageError(f"{doing}: the database did not answer") from None
         new = {row["update_id"] for row in rows}
         return [i for i in unique if i in new]
+
+    async def resume_point(self) -> ResumePoint | None:
+        """Where the channel's session stood when a leader last recorded a message (or READY)."""
+        doing = f"cannot read where the {self._channel} session stands"
+        try:
+            async with asyncio.timeout(self._connect_timeout), self._io:
+                conn = await self._connection()
+                with storage_errors(doing, self._url):
+                    row = await conn.fetchrow(_RESUME_POINT, self.name)
+        except TimeoutError:
+            raise StorageError(f"{doing}: the database did not answer") from None
+        return None if row is None else ResumePoint(row["session_id"], row["resume_url"], row["seq"])
 
     async def close(self) -> None:
         """Close the connection (the server frees the lock with it)."""

@@ -186,7 +186,19 @@ _V3_leases = (
     $$""",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_storage, _V2_outbox, _V3_leases)
+# Where a channel's Discord Gateway session stands (saved with each message id the leader records),
+# so that a new leader RESUMEs it and Discord replays what was sent while nobody was connected.
+_V4_inbound_sessions = (
+    """CREATE TABLE inbound_sessions (
+        channel TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        resume_url TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        saved_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )""",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_storage, _V2_outbox, _V3_leases, _V4_inbound_sessions)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # pg_advisory_lock key of the migrations: the bytes of "nanobot" read as one number.
