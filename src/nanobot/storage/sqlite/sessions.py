@@ -37,12 +37,6 @@ CREATE INDEX IF NOT EXISTS turns_session ON turns (session, id);
 
 _INSERT = session_table.INSERT_TURNS
 _ROWS_PER_INSERT = 190  # 950 parameters: under SQLite's oldest limit (999)
-# WAL checkpoints (copying the log into the file, two fsyncs) run on the writer thread when no turn
-# is waiting: after this many quiet seconds, or after this many commits, once their turns have
-# their answers. SQLite's own (every 1,000 pages, inside a commit) made the turn that triggered
-# it wait for both fsyncs: the c=1 p99 of ~4 ms (1.2 ms with checkpoints off; README, Performance).
-CHECKPOINT_IDLE = 0.5
-CHECKPOINT_EVERY = 1000
 
 
 class SqliteBackend:
@@ -61,8 +55,6 @@ class SqliteBackend:
             what=f"the session database {path}",
             rows=RowInsert(_INSERT, 5, _ROWS_PER_INSERT),
             translate=_damaged,
-            checkpoint_idle=CHECKPOINT_IDLE,
-            checkpoint_every=CHECKPOINT_EVERY,
         )
         self._writer = SqliteWriter(self._connect, options, health or StorageHealth("sessions"))
 
@@ -77,7 +69,6 @@ class SqliteBackend:
             db.execute("PRAGMA locking_mode=EXCLUSIVE")  # before WAL: no -shm file, no fcntl per commit
             db.execute("PRAGMA journal_mode=WAL")  # the first read: "file is not a database" is raised here
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA wal_autocheckpoint=0")  # (the writer checkpoints, off the turns' path)
             db.executescript(_SCHEMA)
             session_table.migrate(db)
             db.executescript(session_table.TURN_LOG)

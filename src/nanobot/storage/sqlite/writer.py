@@ -38,7 +38,6 @@ Row = tuple[object, ...]
 _Batch = list[tuple[Job | Row, "asyncio.Future[Any]"]]
 _Results = list[tuple["asyncio.Future[Any]", object, BaseException | None]]
 _STOP = object()
-_CHECKPOINT = object()  # (the thread's own: a checkpoint after the results it just sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +68,6 @@ class WriterOptions:
     immediate: bool = False  # BEGIN IMMEDIATE around every batch (the file has other writers)
     rows: RowInsert | None = None
     max_batch: int = 512  # jobs per transaction: bounds how long one commit keeps the others waiting
-    # WAL checkpoints off the commits' path (the file's connection sets wal_autocheckpoint=0): run
-    # by the thread once nothing was submitted for ``checkpoint_idle`` seconds, or after
-    # ``checkpoint_every`` commits, then only once their results are on their way (0: SQLite's own).
-    checkpoint_idle: float = 0.0
-    checkpoint_every: int = 1000
     # A failed job's exception (other than sqlite3's) as its awaiter sees it (e.g. damaged data
     # as a StorageError).
     translate: Callable[[BaseException], BaseException] = _unchanged
@@ -211,25 +205,12 @@ class SqliteWriter:
             return
         opened = [(connected, None, None)]
         loop.call_soon_threadsafe(_settle, opened)
-        idle = self._options.checkpoint_idle
-        commits = 0  # since the last checkpoint
         try:
             while True:
-                try:
-                    item = self._jobs.get(timeout=idle) if commits and idle else self._jobs.get()
-                except queue.Empty:  # (quiet for a while: nobody waits for this one)
-                    commits = self._checkpoint(db)
-                    continue
+                item = self._jobs.get()
                 if item is _STOP:
                     return
-                if item is _CHECKPOINT:
-                    commits = self._checkpoint(db)
-                    continue
                 fast, batch = cast(tuple[bool, _Batch], item)
-                commits += 1
-                if idle and commits >= self._options.checkpoint_every:
-                    # (queued behind the results: ``call_soon_threadsafe`` below runs first)
-                    self._jobs.put(_CHECKPOINT)
                 try:
                     if fast:
                         loop.call_soon_threadsafe(self._rows_done, batch, self._insert_batch(db, batch))
@@ -245,16 +226,6 @@ class SqliteWriter:
                                 len(batch))  # fmt: skip
         finally:
             db.close()
-
-    def _checkpoint(self, db: sqlite3.Connection) -> int:
-        """Copy the WAL into the database file (the commits since the last one): on this
-        thread, while no batch waits for it. A failure is logged and tried again later (the WAL
-        only grows meanwhile; nothing is lost). Returns the commits left to checkpoint: 0."""
-        try:
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as exc:
-            log.warning("%s: WAL checkpoint failed (tried again later): %s", self._options.what, exc)
-        return 0
 
     def _insert_batch(self, db: sqlite3.Connection, batch: _Batch) -> Exception | None:
         """The fast path: a batch of rows as one INSERT, its own transaction; its error, if any
