@@ -10,12 +10,15 @@ Without the binaries the PostgreSQL tests are skipped, naming what is missing; w
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
+from nanobot.storage.postgres import PgStorage
+from nanobot.storage_config import StorageConfig
 from pgserver import (
     _QUOTED_PASSWORD,
     PASSWORD,
@@ -31,7 +34,9 @@ __all__ = [
     "PASSWORD",
     "USER",
     "_QUOTED_PASSWORD",
+    "Opener",
     "PgServer",
+    "opening",
     "pg_server",
     "pg_url",
     "start_server",
@@ -67,3 +72,25 @@ def pg_url(pg_server: PgServer) -> str:
     ``request.getfixturevalue`` in the backend-parametrized fixtures.
     """
     return create_database(pg_server, f"test_{os.getpid()}_{next(_databases)}")
+
+
+Opener = Callable[[], Awaitable[PgStorage]]
+
+
+@contextlib.asynccontextmanager
+async def opening(url: str, pool_size: int) -> AsyncIterator[Opener]:
+    """Opens ``PgStorage``s ("processes": each its own pool and listener) on one database; closes
+    them all at the end."""
+    opened: list[PgStorage] = []
+
+    async def open_one() -> PgStorage:
+        storage = await PgStorage.open(StorageConfig(url=url, pool_size=pool_size))
+        opened.append(storage)
+        return storage
+
+    try:
+        yield open_one
+    finally:
+        for storage in opened:
+            if not storage.pool.is_closing():
+                await storage.close()

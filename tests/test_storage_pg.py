@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -22,27 +22,15 @@ from nanobot.storage.postgres import SCHEMA_VERSION, PgStorage
 from nanobot.storage.postgres.leases import CHANNEL, _digest
 from nanobot.storage.sessions import SessionStore
 from nanobot.storage_config import StorageConfig
-from pg import _QUOTED_PASSWORD, PASSWORD, PgServer
+from pg import _QUOTED_PASSWORD, PASSWORD, Opener, PgServer, opening
 
 TURN = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
-Opener = Callable[[], Awaitable[PgStorage]]
-
-
 @pytest.fixture
 async def open_storage(pg_url: str) -> AsyncIterator[Opener]:
-    """Opens ``PgStorage``s ("processes") on one fresh database; closes them all at the end."""
-    opened: list[PgStorage] = []
-
-    async def open_one() -> PgStorage:
-        storage = await PgStorage.open(StorageConfig(url=pg_url, pool_size=4))
-        opened.append(storage)
-        return storage
-
-    yield open_one
-    for storage in opened:
-        if not storage.pool.is_closing():
-            await storage.close()
+    """Opens ``PgStorage``s ("processes") on one fresh database (poolSize 4); closes them all."""
+    async with opening(pg_url, 4) as open_one:
+        yield open_one
 
 
 # --------------------------------------------------------------------------- start-up

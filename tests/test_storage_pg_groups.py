@@ -9,34 +9,21 @@ neighbour's. Each ``PgStorage`` stands for one nanobot process.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
 
 from nanobot.errors import LeaseLostError, StorageError
-from nanobot.storage.postgres import PgStorage
-from nanobot.storage_config import StorageConfig
-from pg import PgServer
+from pg import Opener, PgServer, opening
 
 TURN = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
-Opener = Callable[[], Awaitable[PgStorage]]
-
-
 @pytest.fixture
 async def open_storage(pg_url: str) -> AsyncIterator[Opener]:
-    opened: list[PgStorage] = []
-
-    async def open_one() -> PgStorage:
-        storage = await PgStorage.open(StorageConfig(url=pg_url, pool_size=2))
-        opened.append(storage)
-        return storage
-
-    yield open_one
-    for storage in opened:
-        if not storage.pool.is_closing():
-            await storage.close()
+    """Opens ``PgStorage``s ("processes") on one fresh database (poolSize 2); closes them all."""
+    async with opening(pg_url, 2) as open_one:
+        yield open_one
 
 
 @pytest.fixture
