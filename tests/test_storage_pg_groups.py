@@ -15,8 +15,10 @@ import asyncpg
 import pytest
 
 from nanobot.errors import LeaseLostError, StorageError
+from nanobot.storage.sessions import SessionStore
 from pg import Opener, PgServer, opening
 
+DEADLINE = 30.0  # seconds for the server to get somewhere on a loaded machine
 TURN = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
 @pytest.fixture
@@ -140,3 +142,51 @@ async def test_a_group_on_a_lost_server_fails_every_turn_in_it_cleanly(
         await admin.close()
     await storage.sessions.append("api:after", TURN)
     assert await storage.sessions.keys() == {"api:before", "api:after"}
+
+
+async def test_a_turn_cancelled_while_its_write_waits_in_the_queue_is_still_saved(
+    open_storage: Opener, pg_url: str
+) -> None:
+    """A client that goes away after its turn was handed to storage does not lose the turn, even
+    when the write is still queued behind another turn's: leaving the turn must not give the
+    session's lease back before the write (which gives it back itself) has run."""
+    storage = await open_storage()
+    store = SessionStore(storage.sessions, storage.leases)
+    await storage.sessions.append("api:blocker", TURN)  # (its sessions row exists: lockable)
+    ready, go = asyncio.Event(), asyncio.Event()
+
+    async def turn_on(key: str, wait: bool) -> None:
+        async with store.lock(key):
+            await store.history(key)
+            if wait:
+                ready.set()
+                await go.wait()
+            await store.append_turn(key, TURN)
+
+    leaving = asyncio.create_task(turn_on("api:leaving", wait=True))
+    await asyncio.wait_for(ready.wait(), DEADLINE)  # it holds its lease, and waits to write
+    admin = await asyncpg.connect(pg_url)
+    try:
+        blocking = admin.transaction()
+        await blocking.start()  # the blocker's write will wait for this row: the connection is busy
+        await admin.execute("SELECT 1 FROM sessions WHERE key = 'api:blocker' FOR UPDATE")
+        blocked = asyncio.create_task(turn_on("api:blocker", wait=False))
+        async with asyncio.timeout(DEADLINE):  # (the server's state: polled, with a deadline)
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            while not await admin.fetchval(waiting + " AND datname = current_database()"):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        go.set()
+        for _ in range(3):  # (the leaving turn hands its write over: queued behind the blocked one)
+            await asyncio.sleep(0)
+        leaving.cancel()  # ... and its client goes away
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        await blocking.rollback()
+        await asyncio.wait_for(blocked, DEADLINE)
+    finally:
+        await admin.close()
+    async with asyncio.timeout(DEADLINE):  # (the queued write runs after the blocked one)
+        while not await storage.sessions.load("api:leaving", 10):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert await storage.sessions.load("api:leaving", 10) == TURN
+    assert await storage.leases.holder("api:leaving") is None

@@ -204,17 +204,22 @@ class SessionStore:
         """Write the turn, fenced by (and giving back) the lease held on ``key``; then the memory
         copy moves to the version the write made, if it was at the lease's version."""
         lease = self._leases.current(key)
-        try:
-            committed = self._backend.append(key, messages, lease)
+        try:  # (a future already: ensure_future returns it as it is)
+            committed = asyncio.ensure_future(self._backend.append(key, messages, lease))
         except (TypeError, ValueError) as exc:
             raise NanobotError(f"could not save the conversation: {exc}") from exc
+        if lease is not None:
+            # The write gives the lease back, whether or not anyone still waits for it (it may be
+            # queued behind other turns' statements): leaving the block must not give it back
+            # first, or the write would find its lease gone and the turn would be lost.
+            lease.released = True
         try:  # (its StorageError says what failed: "cannot save the conversation (PostgreSQL ...)")
             version = await asyncio.shield(committed)
         except BaseException:
             self._forget(key)
+            if lease is not None and committed.done() and isinstance(committed.exception(), StorageError):
+                lease.released = False  # (it failed: leaving the block gives the lease back)
             raise
-        if lease is not None:
-            lease.released = True  # (the write gave it back: leaving the block costs nothing)
         cached = self._cache.get(key)
         if lease is None or cached is None or self._versions.get(key) != lease.version:
             self._forget(key)
