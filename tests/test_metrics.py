@@ -14,6 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from nanobot.gateway.worker_metrics import merge
+
 from fake_llm import FakeLLM, Step
 from fake_platforms import TELEGRAM_TOKEN, FakeTelegram
 
@@ -239,3 +241,48 @@ async def test_metrics_obey_the_host_rule_and_can_be_turned_off(
     off = await start_gateway({"api": {"metrics": False}, "agents": other})
     async with http.get(f"{off}/metrics") as r:
         assert r.status == 404
+
+
+def test_workers_numbers_are_added_up_as_each_metric_means() -> None:
+    """Under --workers a scrape adds up every worker's exposition: counters, histograms and work
+    in progress are summed; the shared outbox is reported once; up and ready are combined."""
+    one = (
+        b"# HELP nanobot_http_requests_total Requests.\n# TYPE nanobot_http_requests_total counter\n"
+        b'nanobot_http_requests_total{method="GET",route="/health",status="200"} 3\n'
+        b"# HELP nanobot_turn_duration_seconds Turns.\n# TYPE nanobot_turn_duration_seconds histogram\n"
+        b'nanobot_turn_duration_seconds_bucket{channel="api",le="+Inf"} 2\n'
+        b'nanobot_turn_duration_seconds_sum{channel="api"} 0.25\n'
+        b"# HELP nanobot_open_streams Streams.\n# TYPE nanobot_open_streams gauge\nnanobot_open_streams 1\n"
+        b"# HELP nanobot_outbox_messages Outbox.\n# TYPE nanobot_outbox_messages gauge\n"
+        b'nanobot_outbox_messages{state="pending"} 7\n'
+        b"# HELP nanobot_channel_up Up.\n# TYPE nanobot_channel_up gauge\n"
+        b'nanobot_channel_up{channel="telegram"} 0\n'
+        b"# HELP nanobot_ready Ready.\n# TYPE nanobot_ready gauge\nnanobot_ready 1\n"
+    )
+    two = (
+        b"# HELP nanobot_http_requests_total Requests.\n# TYPE nanobot_http_requests_total counter\n"
+        b'nanobot_http_requests_total{method="GET",route="/health",status="200"} 4\n'
+        b'nanobot_http_requests_total{method="GET",route="/v1/models",status="200"} 1\n'
+        b"# HELP nanobot_turn_duration_seconds Turns.\n# TYPE nanobot_turn_duration_seconds histogram\n"
+        b'nanobot_turn_duration_seconds_bucket{channel="api",le="+Inf"} 5\n'
+        b'nanobot_turn_duration_seconds_sum{channel="api"} 0.5\n'
+        b"# HELP nanobot_open_streams Streams.\n# TYPE nanobot_open_streams gauge\nnanobot_open_streams 2\n"
+        b"# HELP nanobot_outbox_messages Outbox.\n# TYPE nanobot_outbox_messages gauge\n"
+        b'nanobot_outbox_messages{state="pending"} 7\n'
+        b"# HELP nanobot_channel_up Up.\n# TYPE nanobot_channel_up gauge\n"
+        b'nanobot_channel_up{channel="telegram"} 1\n'
+        b"# HELP nanobot_ready Ready.\n# TYPE nanobot_ready gauge\nnanobot_ready 0\n"
+    )
+    merged = merge([one, two]).decode().splitlines()
+    assert 'nanobot_http_requests_total{method="GET",route="/health",status="200"} 7' in merged
+    assert 'nanobot_http_requests_total{method="GET",route="/v1/models",status="200"} 1' in merged
+    assert 'nanobot_turn_duration_seconds_bucket{channel="api",le="+Inf"} 7' in merged
+    assert 'nanobot_turn_duration_seconds_sum{channel="api"} 0.75' in merged
+    assert "nanobot_open_streams 3" in merged
+    assert 'nanobot_outbox_messages{state="pending"} 7' in merged  # (one shared outbox)
+    assert 'nanobot_channel_up{channel="telegram"} 1' in merged  # (connected in one worker)
+    assert "nanobot_ready 0" in merged  # (not every worker is ready)
+    assert "nanobot_workers_answering 2" in merged
+    assert merged.count("# TYPE nanobot_http_requests_total counter") == 1
+    families = {f.name for f in text_string_to_metric_families("\n".join(merged))}  # (a valid exposition)
+    assert {"nanobot_http_requests", "nanobot_turn_duration_seconds", "nanobot_workers_answering"} <= families

@@ -146,3 +146,52 @@ async def test_storage_url_flag_overrides_the_config_and_is_never_printed(
         if served.proc.returncode is None:
             served.proc.kill()
             await served.proc.wait()
+
+
+def _sample(exposition: str, series: str) -> float | None:
+    """The value of one series in a Prometheus text exposition (None: not there)."""
+    for line in exposition.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == series:
+            return float(value)
+    return None
+
+
+async def test_metrics_on_the_shared_port_count_every_worker(
+    tmp_path: Path, fake_llm: FakeLLM, pg_url: str
+) -> None:
+    """A scrape lands on one worker at random, and still counts the requests every worker
+    answered: the worker adds up its siblings' numbers (read over their private sockets)."""
+    port = free_port()
+    config = write_config(tmp_path, fake_llm.url, port, storage={"url": pg_url})  # type: ignore[attr-defined]
+    served = await start(config, port, "--workers", "2")
+    try:
+        pids = worker_pids(await served.wait_log("workers ready", within=90))
+        route = 'method="POST",route="/v1/chat/completions"'
+        chats = f'nanobot_http_requests_total{{{route},status="200"}}'
+        # (a new connection each: the kernel spreads them over both workers)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            answers = await asyncio.gather(*(ask(http, served.url, f"m{i}", f"hi {i}") for i in range(20)))
+            assert answers == [f"echo: hi {i}" for i in range(20)]
+            for _ in range(6):  # (several scrapes: whichever worker answers)
+                async with http.get(f"{served.url}/metrics") as r:
+                    assert r.status == 200
+                    text = await r.text()
+                assert _sample(text, chats) == 20
+                assert _sample(text, "nanobot_workers_answering") == 2
+                assert _sample(text, "nanobot_ready") == 1
+                assert _sample(text, f"nanobot_http_request_duration_seconds_count{{{route}}}") == 20
+            folder = next(Path(p) for p in re.findall(r"--workers-dir (\S+)", _cmdlines(pids)))
+            assert oct(folder.stat().st_mode & 0o777) == "0o700"
+        served.terminate()
+        assert await served.exit_code(within=60) == 0, served.log
+        assert not folder.exists()  # (the supervisor removes it)
+        assert "Traceback" not in served.log
+    finally:
+        if served.proc.returncode is None:
+            served.proc.kill()
+            await served.proc.wait()
+
+
+def _cmdlines(pids: list[int]) -> str:
+    return " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in pids)

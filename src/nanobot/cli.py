@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     # Internal: how the --workers supervisor starts each worker (see workers.py).
     serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    serve.add_argument("--workers-dir", help=argparse.SUPPRESS)
     outbox = _with_config(sub.add_parser(
         "outbox", help="show and act on the durable channel outbox",
         description="Look into the durable outbox of chat messages, and retry or drop one by hand. "
@@ -139,7 +140,7 @@ def _run_worker(config: Config, args: argparse.Namespace) -> int:
     from nanobot.workers import run_worker
 
     install_uvloop()
-    asyncio.run(run_worker(config, args.worker_fd, _source(args.config)))
+    asyncio.run(run_worker(config, args.worker_fd, _source(args.config), args.workers_dir, args.worker_index))
     return 0
 
 

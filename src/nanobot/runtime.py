@@ -25,6 +25,7 @@ from nanobot.gateway.connections import make_runner, run_until
 from nanobot.gateway.sessions_api import SESSION_STORE
 from nanobot.gateway.state import STATE
 from nanobot.gateway.telegram_webhook import add_telegram_webhook
+from nanobot.gateway.worker_metrics import SIBLINGS, Siblings
 from nanobot.metrics import Family
 from nanobot.providers.openai_compat import OpenAICompatProvider
 from nanobot.storage import open_storage
@@ -170,14 +171,23 @@ def describe(config: Config, source: str) -> None:
 
 
 async def serve(
-    config: Config, *, ready: asyncio.Event | None = None, source: str = "", reuse_port: bool = False
+    config: Config,
+    *,
+    ready: asyncio.Event | None = None,
+    source: str = "",
+    reuse_port: bool = False,
+    siblings: Siblings | None = None,
 ) -> None:
     """Run the gateway until SIGINT/SIGTERM (or cancellation), then shut down in order.
 
     ``source`` is where the config came from (a path; empty: the built-in defaults);
-    ``reuse_port``: share the port with sibling workers (SO_REUSEPORT; see ``workers.py``).
+    ``reuse_port``: share the port with sibling workers (SO_REUSEPORT; see ``workers.py``);
+    ``siblings``: where they are, so that ``/metrics`` adds up all of them.
     """
     app = build_app(config)
+    own_metrics: web.AppRunner | None = None
+    if siblings is not None and config.api.metrics:
+        app[SIBLINGS] = siblings
     runner = make_runner(app, config.api)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -195,6 +205,8 @@ async def serve(
         except OSError as exc:  # the port is taken, or the address is not ours
             where = f"{config.api.host}:{config.api.port}"
             raise NanobotError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        if SIBLINGS in app:
+            own_metrics = await app[SIBLINGS].serve_own(app[STATE].metrics)
         log.info(
             "nanobot gateway listening on http://%s:%d (model %s)",
             config.api.host,
@@ -220,4 +232,6 @@ async def serve(
                 ready.set()
             await run_until(stop, runner, config.api)
     finally:
+        if own_metrics is not None:
+            await own_metrics.cleanup()
         await runner.cleanup()

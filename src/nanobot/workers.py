@@ -27,11 +27,14 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from nanobot.config import Config
 from nanobot.errors import ConfigError, NanobotError
@@ -77,15 +80,19 @@ def check_port_free(host: str, port: int) -> None:
 # ---------------------------------------------------------------------------- the worker's side
 
 
-async def run_worker(config: Config, channel_fd: int, source: str) -> None:
-    """Serve as one worker: share the port, tell the supervisor once listening, stop when it goes."""
-    from nanobot.runtime import serve  # (the supervisor never imports the server)
+async def run_worker(config: Config, channel_fd: int, source: str, folder: str | None, index: int) -> None:
+    """Serve as one worker: share the port, tell the supervisor once listening, stop when it goes.
+    ``folder``: where the workers' metrics sockets are (``/metrics`` adds up every worker)."""
+    from nanobot.gateway.worker_metrics import Siblings  # (the supervisor never imports the server)
+    from nanobot.runtime import serve
 
     channel = socket.socket(fileno=channel_fd)
     channel.setblocking(False)
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
-    server = asyncio.create_task(serve(config, ready=ready, source=source, reuse_port=True))
+    siblings = Siblings(Path(folder), index) if folder else None
+    serving = serve(config, ready=ready, source=source, reuse_port=True, siblings=siblings)
+    server = asyncio.create_task(serving)
     listening = asyncio.create_task(ready.wait())
     try:
         await asyncio.wait((server, listening), return_when=asyncio.FIRST_COMPLETED)
@@ -140,6 +147,7 @@ class Supervisor:
 
     def __init__(self, argv: Sequence[str], count: int, grace: float) -> None:
         self._argv = list(argv)
+        self._folder = ""  # the workers' metrics sockets (made by ``run``, this user only)
         self._workers = [_Worker(i + 1) for i in range(count)]
         self._grace = grace
         self._stopping = asyncio.Event()
@@ -150,6 +158,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
+        self._folder = tempfile.mkdtemp(prefix="nanobot-workers-")  # (mode 0700)
         try:
             first = await asyncio.gather(*(self._start(w) for w in self._workers))
             failed = [code for code in first if code is not None]
@@ -161,6 +170,7 @@ class Supervisor:
                 await self._supervise()
         finally:
             codes = await self._stop_all()
+            shutil.rmtree(self._folder, ignore_errors=True)
         if self._gave_up.is_set():
             return 1
         return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
@@ -192,6 +202,8 @@ class Supervisor:
                 str(theirs.fileno()),
                 "--worker-index",
                 str(worker.index),
+                "--workers-dir",
+                self._folder,
                 pass_fds=(theirs.fileno(),),
                 process_group=0,  # its own group: a terminal's Ctrl-C is ours to forward, once
             )

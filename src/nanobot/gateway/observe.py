@@ -22,6 +22,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_urldispatcher import AbstractRoute, UrlMappingMatchInfo
 
 from nanobot.gateway.state import STATE
+from nanobot.gateway.worker_metrics import SIBLINGS
 from nanobot.metrics import CONTENT_TYPE, Metrics, RouteSeries
 
 ACCESS_LOG = logging.getLogger("nanobot.access")
@@ -109,6 +110,9 @@ def observer_args(metrics: Metrics, *, count: bool, access_log: bool) -> dict[st
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """``GET /metrics``: the Prometheus text exposition (counts and timings only)."""
     body = await request.app[STATE].metrics.render()
+    siblings = request.app.get(SIBLINGS)
+    if siblings is not None:  # (--workers: the whole server's numbers, whichever worker answers)
+        body = await siblings.gather(body)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"})
 
 
