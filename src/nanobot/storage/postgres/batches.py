@@ -6,10 +6,10 @@ the lease back). Each goes out at once on a connection kept between turns while 
 ``limit`` are busy; when all are, statements of one kind queue, and the next connection to come
 free sends every queued one of that kind as a single statement over arrays. PostgreSQL's cost
 per statement (parse, bind, the transaction and its commit, the socket on both sides) is then
-shared: measured here, the database's CPU per turn falls from about 200 µs alone to 120 µs in
-fours and 70 µs in eights, and the gateway's from 105 µs to 40 and 25 (see README, "Running
-several processes"). An idle gateway is as quick as before: a lone statement goes out alone, in
-its single-row form.
+shared: with 16 turns at a time in one process (``python -m bench.pg_turns``) the database's
+CPU per turn fell from 332 to 70 µs and the gateway's from 260 to 83 µs (README, "Running several
+processes"). An idle gateway is as quick as before: a lone statement goes out alone, in its
+single-row form.
 
 A group holds one statement per session key (a second waits for the next group), and every
 statement of a group succeeds or fails on its own: a group the server refuses as a whole is
