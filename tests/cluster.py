@@ -7,13 +7,14 @@ import contextlib
 import os
 import re
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
-from served import Served
+from served import Served, free_port
 
 
 def write_config(
@@ -40,6 +41,23 @@ async def start(config: Path, port: int, *args: str) -> Served:
         stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     return Served(proc, port)
+
+
+@contextlib.asynccontextmanager
+async def serving_workers(
+    tmp_path: Path, llm_url: str, pg_url: str, count: int
+) -> AsyncIterator[tuple[Served, list[int]]]:
+    """``nanobot serve --workers count`` on ``pg_url``, once every worker is ready: the supervisor
+    and the workers' pids. Killed at the end if a test left it running."""
+    port = free_port()
+    config = write_config(tmp_path, llm_url, port, storage={"url": pg_url})
+    served = await start(config, port, "--workers", str(count))
+    try:
+        yield served, worker_pids(await served.wait_log("workers ready", within=90))
+    finally:
+        if served.proc.returncode is None:
+            served.proc.kill()
+            await served.proc.wait()
 
 
 def worker_pids(line: str) -> list[int]:

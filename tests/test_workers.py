@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from cluster import alive, ask, start, wait_gone, worker_pids, write_config
+from cluster import alive, ask, serving_workers, start, wait_gone, write_config
 from served import free_port
 
 from fake_llm import FakeLLM
@@ -75,12 +75,7 @@ async def test_workers_share_one_port_and_a_killed_worker_is_replaced(
     tmp_path: Path, fake_llm: FakeLLM, pg_url: str
 ) -> None:
     """Three workers answer on one port; one killed with -9 is restarted; SIGTERM stops them all."""
-    llm = fake_llm.url  # type: ignore[attr-defined]
-    port = free_port()
-    config = write_config(tmp_path, llm, port, storage={"url": pg_url})
-    served = await start(config, port, "--workers", "3")
-    try:
-        pids = worker_pids(await served.wait_log("workers ready", within=90))
+    async with serving_workers(tmp_path, fake_llm.url, pg_url, 3) as (served, pids):  # type: ignore[attr-defined]
         assert len(set(pids)) == 3 and served.proc.pid not in pids
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
             answers = await asyncio.gather(*(ask(http, served.url, f"s{i}", f"hi {i}") for i in range(12)))
@@ -100,10 +95,6 @@ async def test_workers_share_one_port_and_a_killed_worker_is_replaced(
         assert await served.exit_code(within=60) == 0, served.log
         await wait_gone([pids[0], new_pid, pids[2]])
         assert "Traceback" not in served.log
-    finally:
-        if served.proc.returncode is None:
-            served.proc.kill()
-            await served.proc.wait()
 
 
 @pytest.mark.timeout(120)
@@ -111,22 +102,15 @@ async def test_workers_stop_when_their_supervisor_is_killed(
     tmp_path: Path, fake_llm: FakeLLM, pg_url: str
 ) -> None:
     """kill -9 of the supervisor leaves no worker behind holding the port."""
-    llm = fake_llm.url  # type: ignore[attr-defined]
-    port = free_port()
-    config = write_config(tmp_path, llm, port, storage={"url": pg_url})
-    served = await start(config, port, "--workers", "2")
-    try:
-        pids = worker_pids(await served.wait_log("workers ready", within=90))
-        served.proc.kill()
-        await served.proc.wait()
-        await wait_gone(pids)
-    finally:
-        if served.proc.returncode is None:
+    async with serving_workers(tmp_path, fake_llm.url, pg_url, 2) as (served, pids):  # type: ignore[attr-defined]
+        try:
             served.proc.kill()
             await served.proc.wait()
-        for pid in pids if "pids" in locals() else []:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+            await wait_gone(pids)
+        finally:  # (no worker left behind if it failed)
+            for pid in pids:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
 
 
 async def test_storage_url_flag_overrides_the_config_and_is_never_printed(
@@ -162,11 +146,7 @@ async def test_metrics_on_the_shared_port_count_every_worker(
 ) -> None:
     """A scrape lands on one worker at random, and still counts the requests every worker
     answered: the worker adds up its siblings' numbers (read over their private sockets)."""
-    port = free_port()
-    config = write_config(tmp_path, fake_llm.url, port, storage={"url": pg_url})  # type: ignore[attr-defined]
-    served = await start(config, port, "--workers", "2")
-    try:
-        pids = worker_pids(await served.wait_log("workers ready", within=90))
+    async with serving_workers(tmp_path, fake_llm.url, pg_url, 2) as (served, pids):  # type: ignore[attr-defined]
         route = 'method="POST",route="/v1/chat/completions"'
         chats = f'nanobot_http_requests_total{{{route},status="200"}}'
         # (a new connection each: the kernel spreads them over both workers)
@@ -187,10 +167,6 @@ async def test_metrics_on_the_shared_port_count_every_worker(
         assert await served.exit_code(within=60) == 0, served.log
         assert not folder.exists()  # (the supervisor removes it)
         assert "Traceback" not in served.log
-    finally:
-        if served.proc.returncode is None:
-            served.proc.kill()
-            await served.proc.wait()
 
 
 def _cmdlines(pids: list[int]) -> str:
