@@ -66,7 +66,6 @@ class DiscordGateway:
         self._hand_over = hand_over
         self._config = config
         self._on_dispatch = on_dispatch
-        self._task: asyncio.Task[None] | None = None
         self._acked = True
         self.session_id = ""
         self.seq: int | None = None
@@ -75,17 +74,6 @@ class DiscordGateway:
 
     def __repr__(self) -> str:
         return f"DiscordGateway(session_id={self.session_id!r}, seq={self.seq!r})"
-
-    async def start(self) -> None:
-        """Start connecting in the background."""
-        self._task = asyncio.create_task(self.run(), name="discord-gateway")
-
-    async def stop(self) -> None:
-        """Disconnect; safe to call twice."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     async def run(self) -> None:
         """Connect, and reconnect (resuming when possible) until cancelled or refused for good."""

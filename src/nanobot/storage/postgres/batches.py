@@ -33,6 +33,15 @@ from nanobot.errors import StorageError
 from nanobot.storage.postgres.connect import DRIVER_ERRORS, describe, reason
 
 MAX_GROUP = 64  # statements per group: bounds one statement's arrays and the locks it holds
+# What one row of a group can cause (bad data, a constraint, a lock cycle): the group is worth
+# resending statement by statement. Anything else (the server going away, out of resources)
+# would fail each of them again, one timeout after another: the whole group fails at once.
+_ROW_FAULTS = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+    asyncpg.exceptions.CardinalityViolationError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
 
 Row = asyncpg.Record | None
 
@@ -159,7 +168,7 @@ class StatementGroups:
             raise
         except Exception as exc:
             await self._pool.release(conn)
-            if len(group) > 1 and isinstance(exc, asyncpg.PostgresError):  # one row's fault?
+            if len(group) > 1 and isinstance(exc, _ROW_FAULTS):  # one row's fault?
                 for item in group:  # (each on its own: only a bad one fails)
                     single = await self._borrow(statement, [item])
                     if single is not None and (single := await self._run(single, statement, [item])):
