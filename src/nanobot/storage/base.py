@@ -8,6 +8,7 @@ Two implementations of each: the embedded SQLite file under the workspace (one p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
@@ -76,17 +77,18 @@ class Lease:
 
     ``token`` fences the turn's write: a holder that stalled past its lease holds a token that
     no longer matches. ``version`` is the session's newest turn id when the lease was taken (None:
-    no turns): the in-memory history is used only while it matches. ``released`` becomes True
-    once the turn's write also gave the lease back (one round trip for both).
+    no turns): the in-memory history is used only while it matches. ``write`` is the turn's write
+    once it was handed to storage: that write also gives the lease back (one round trip for both),
+    so leaving the turn gives it back only if the write failed.
     """
 
-    __slots__ = ("key", "released", "token", "version")
+    __slots__ = ("key", "token", "version", "write")
 
     def __init__(self, key: str, token: int, version: int | None) -> None:
         self.key = key
         self.token = token
         self.version = version
-        self.released = False
+        self.write: asyncio.Future[int | None] | None = None
 
 
 class SessionBackend(Protocol):

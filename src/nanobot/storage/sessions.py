@@ -212,13 +212,11 @@ class SessionStore:
             # The write gives the lease back, whether or not anyone still waits for it (it may be
             # queued behind other turns' statements): leaving the block must not give it back
             # first, or the write would find its lease gone and the turn would be lost.
-            lease.released = True
+            lease.write = committed
         try:  # (its StorageError says what failed: "cannot save the conversation (PostgreSQL ...)")
             version = await asyncio.shield(committed)
         except BaseException:
             self._forget(key)
-            if lease is not None and committed.done() and isinstance(committed.exception(), StorageError):
-                lease.released = False  # (it failed: leaving the block gives the lease back)
             raise
         cached = self._cache.get(key)
         if lease is None or cached is None or self._versions.get(key) != lease.version:

@@ -30,7 +30,7 @@ from contextvars import ContextVar
 
 import asyncpg
 
-from nanobot.errors import StorageError
+from nanobot.errors import LeaseLostError, StorageError
 from nanobot.storage.base import Lease
 from nanobot.storage.keylock import KeyedLocks
 from nanobot.storage.postgres.batches import Row, Statement, StatementGroups
@@ -66,6 +66,14 @@ def _digest(key: str) -> str:
 
 
 _Attempt = tuple[int | None, float | None, int | None]  # token, remaining, version
+
+
+def _failed(write: asyncio.Future[int | None]) -> bool:
+    """Whether a turn's write ended without giving its lease back (a storage error; a write
+    refused for a lost lease has nothing to give back)."""
+    return not write.cancelled() and isinstance(write.exception(), StorageError) and not isinstance(
+        write.exception(), LeaseLostError
+    )
 
 
 def _taken(_key: str, row: Row) -> _Attempt:
@@ -119,13 +127,29 @@ class PgTurnLeases:
             for task in renewing:
                 task.cancel()
             _held.reset(held)
-            if not lease.released:
+            write = lease.write
+            if write is not None and not write.done():  # (queued: the turn's client went away)
+                write.add_done_callback(lambda done: self._after_write(lease, done))
+            elif write is None or _failed(write):
                 # Shielded: a cancelled turn still frees its session at once rather than at expiry.
                 release = asyncio.ensure_future(self.release(key, lease.token))
                 try:
                     await asyncio.shield(release)
                 except StorageError as exc:
                     log.warning("session lease not released (it expires on its own): %s", exc)
+
+    def _after_write(self, lease: Lease, write: asyncio.Future[int | None]) -> None:
+        """A write that outlived its turn's block: give the lease back if it could not."""
+        if _failed(write):
+            cleanup = asyncio.ensure_future(self._release_quietly(lease))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+
+    async def _release_quietly(self, lease: Lease) -> None:
+        try:
+            await self.release(lease.key, lease.token)
+        except StorageError as exc:
+            log.warning("session lease not released (it expires on its own): %s", exc)
 
     def current(self, key: str) -> Lease | None:
         """The lease this task's turn holds on ``key``, if any."""
@@ -135,13 +159,13 @@ class PgTurnLeases:
     async def _renew(self, lease: Lease) -> None:
         """Keep the lease while the turn runs (from a third of its time on, then every third);
         once lost, the turn's write will be refused."""
-        while not lease.released:
+        while lease.write is None:  # (handed over: the write gives the lease back)
             try:
                 held = await self.renew(lease.key, lease.token, self._ttl)
             except StorageError as exc:
                 log.warning("session lease not renewed: %s", exc)
                 held = True  # (unknown: try again at the next third)
-            if not held and not lease.released:
+            if not held and lease.write is None:
                 log.warning(
                     "session %r: lease lost to another holder; this turn will not be saved", lease.key
                 )
