@@ -17,6 +17,7 @@ from nanobot.bus import DeliveryReceipt, OutboundKind, OutboundMessage
 from nanobot.channels.base import Channel
 from nanobot.delivery.lanes import ELSEWHERE, Lanes, resolve
 from nanobot.delivery.ownership import LaneOwnership
+from nanobot.storage.base import no_nul
 from nanobot.storage.outbox import NewMessage, Outbox, OutboxEntry, State
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,8 @@ class Intake:
         content = APOLOGY if msg.kind == OutboundKind.ERROR else msg.content
         held = msg.channel not in self._channels
         # No platform shows U+0000, and PostgreSQL text cannot hold it: dropped on every backend.
-        meta = {_no_nul(k): _no_nul(v) for k, v in msg.metadata.items()}
-        return NewMessage(msg.channel, _no_nul(msg.chat_id), str(msg.kind), _no_nul(content), meta, held)
+        meta = {no_nul(k): no_nul(v) for k, v in msg.metadata.items()}
+        return NewMessage(msg.channel, no_nul(msg.chat_id), str(msg.kind), no_nul(content), meta, held)
 
     def _hand_over(self, entry: OutboxEntry, msg: OutboundMessage, deliver: bool) -> None:
         if entry.state == State.HELD:
@@ -122,6 +123,3 @@ class Intake:
         else:
             self._enqueue(entry, msg)
 
-
-def _no_nul(text: str) -> str:
-    return text.replace("\x00", "") if "\x00" in text else text

@@ -72,6 +72,12 @@ class NewestTurns:
         return [m for turn in reversed(self._turns) for m in turn]
 
 
+def no_nul(text: str) -> str:
+    """``text`` without U+0000: PostgreSQL text cannot hold it and no platform shows it (dropped
+    before storing, on both backends, so that they store the same)."""
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
 class Lease:
     """A session's turn lease as its holder knows it (shared storage only).
 

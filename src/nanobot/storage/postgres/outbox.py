@@ -37,6 +37,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from nanobot.errors import StorageError
 from nanobot.health import StorageHealth
+from nanobot.storage.base import no_nul
 from nanobot.storage.outbox import DELIVERED_KEEP_SECONDS, NewMessage, OutboxEntry, State
 from nanobot.storage.postgres import outbox_sql as sql
 from nanobot.storage.postgres.connect import DRIVER_ERRORS, reason, storage_errors
@@ -50,10 +51,6 @@ Lane = tuple[str, str]
 _MARGIN = 0.9
 _CLAIM_BATCH = 256  # lanes claimed per statement; more are claimed by the next re-read
 _WAITING = [str(s) for s in (State.PENDING, State.HELD, State.FAILED, State.EXPIRED)]
-
-
-def _clean(text: str) -> str:
-    return text.replace("\x00", "") if "\x00" in text else text
 
 
 class PgOutbox:
@@ -107,8 +104,9 @@ class PgOutbox:
         if not messages:
             return []
         now = time.time()
-        rows = [(uuid.uuid4().hex[:16], _clean(m.channel), _clean(m.chat_id), m.kind, _clean(m.content),
-                 orjson.dumps({_clean(k): _clean(v) for k, v in m.metadata.items()}).decode(),
+        # (the intake drops U+0000 already; any other caller's text could not be stored with it)
+        rows = [(uuid.uuid4().hex[:16], no_nul(m.channel), no_nul(m.chat_id), m.kind, no_nul(m.content),
+                 orjson.dumps({no_nul(k): no_nul(v) for k, v in m.metadata.items()}).decode(),
                  str(State.HELD if m.held else State.PENDING)) for m in messages]  # fmt: skip
         columns = [list(c) for c in zip(*rows, strict=True)]
         lanes = sorted({(r[1], r[2]) for r in rows})

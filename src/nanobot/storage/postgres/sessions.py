@@ -18,7 +18,7 @@ import orjson
 
 from nanobot.errors import LeaseLostError
 from nanobot.health import StorageHealth
-from nanobot.storage.base import ChatMessage, Lease, NewestTurns, SessionInfo, damaged_data
+from nanobot.storage.base import ChatMessage, Lease, NewestTurns, SessionInfo, damaged_data, no_nul
 from nanobot.storage.postgres.batches import Row, Statement, StatementGroups
 from nanobot.storage.postgres.connect import storage_errors
 from nanobot.storage.postgres.leases import CHANNEL
@@ -90,11 +90,6 @@ FROM input AS i LEFT JOIN turn USING (session)
 """
 
 
-def _no_nul(text: str) -> str:
-    # PostgreSQL text cannot hold NUL; titles and previews are display text, the turn keeps it.
-    return text.replace("\x00", "") if "\x00" in text else text
-
-
 class PgSessionBackend:
     """Session history on PostgreSQL: every process sees every turn, whichever process ran it."""
 
@@ -138,7 +133,7 @@ class PgSessionBackend:
         title, preview = session_table.summarize(messages)
         token = None if lease is None else lease.token
         release = release and token is not None
-        return self._groups.submit(self._write, key, data, _no_nul(title), _no_nul(preview), token, release)
+        return self._groups.submit(self._write, key, data, no_nul(title), no_nul(preview), token, release)
 
     def _written(self, key: str, row: Row) -> int:
         """What a turn's write resolves to: the session's new version (called by the sender)."""
@@ -191,7 +186,7 @@ class PgSessionBackend:
         """Set an existing session's title; None when there is no such session."""
         sql = f"UPDATE sessions SET title = $2 WHERE key = $1 RETURNING {_COLUMNS}"
         with storage_errors("cannot rename a session", self._url):
-            row = await self._pool.fetchrow(sql, key, _no_nul(title))
+            row = await self._pool.fetchrow(sql, key, no_nul(title))
         return None if row is None else SessionInfo(*row)
 
     async def delete(self, key: str) -> bool:
