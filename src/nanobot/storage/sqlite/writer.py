@@ -230,13 +230,9 @@ class SqliteWriter:
     def _insert_batch(self, db: sqlite3.Connection, batch: _Batch) -> Exception | None:
         """The fast path: a batch of rows as one INSERT, its own transaction; its error, if any
         (any error: the thread never dies of one)."""
-        n = len(batch)
-        sql = self._statements.get(n)
-        if sql is None:
-            assert self._options.rows is not None
-            sql = self._statements[n] = self._options.rows.statement(n)
+        params = [value for row, _fut in batch for value in cast(Row, row)]
         try:
-            db.execute(sql, [value for row, _fut in batch for value in cast(Row, row)])
+            db.execute(self._statement(len(batch)), params)
         except Exception as exc:
             self._health.failed()
             return exc
@@ -325,12 +321,18 @@ class SqliteWriter:
             return [(step[0][1], None, exc)]
         return [(step[0][1], result, None)]
 
+    def _statement(self, rows: int) -> str:
+        """The multi-row INSERT for ``rows`` rows (built once per row count, on the thread)."""
+        sql = self._statements.get(rows)
+        if sql is None:
+            assert self._options.rows is not None
+            sql = self._statements[rows] = self._options.rows.statement(rows)
+        return sql
+
     def _insert_rows(self, db: sqlite3.Connection, step: _Batch) -> _Results:
-        rows = self._options.rows
-        assert rows is not None
         try:
             params = [value for row, _fut in step for value in cast(Row, row)]
-            db.execute(rows.statement(len(step)), params)
+            db.execute(self._statement(len(step)), params)
         except sqlite3.Error as exc:
             return [(fut, None, exc) for _row, fut in step]
         return [(fut, None, None) for _row, fut in step]
