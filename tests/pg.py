@@ -36,6 +36,7 @@ __all__ = [
     "_QUOTED_PASSWORD",
     "Opener",
     "PgServer",
+    "logged",
     "opening",
     "pg_server",
     "pg_url",
@@ -94,3 +95,17 @@ async def opening(url: str, pool_size: int) -> AsyncIterator[Opener]:
         for storage in opened:
             if not storage.pool.is_closing():
                 await storage.close()
+
+
+@pytest.fixture
+async def logged(pg_server: PgServer, pg_url: str) -> Callable[[str], int]:
+    """Every statement the server runs on ``pg_url``'s database is logged (from the next
+    connection on); counts the occurrences of a text in the server's log."""
+    import asyncpg
+
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f"ALTER DATABASE \"{pg_url.rsplit('/', 1)[1]}\" SET log_statement = 'all'")
+    finally:
+        await admin.close()
+    return lambda text: pg_server.log.read_text(errors="replace").count(text)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -290,24 +290,19 @@ async def test_an_unchanged_session_is_served_from_memory(open_storage: Opener) 
     assert await _turn(fresh, "api:m", "q3") == ["edited", "ok", "q2", "ok"]
 
 
-async def test_a_turn_costs_two_statements(pg_server: PgServer, pg_url: str, open_storage: Opener) -> None:
+async def test_a_turn_costs_two_statements(logged: Callable[[str], int], open_storage: Opener) -> None:
     """A turn on a session costs two round trips on PostgreSQL (it was eight): taking the lease,
     which also reads the session's version, and writing the turn, which also gives the lease
     back; the history comes from memory. Counted in the server's own statement log."""
-    admin = await asyncpg.connect(pg_url)
-    try:  # (before the store connects: the setting applies to new connections)
-        await admin.execute(f"ALTER DATABASE \"{pg_url.rsplit('/', 1)[1]}\" SET log_statement = 'all'")
-    finally:
-        await admin.close()
     storage = await open_storage()
     store = SessionStore(storage.sessions, storage.leases)
     key = "api:counted-7f3a"
 
     def statements() -> int:  # (each execution logs its parameters, the session key among them)
-        return sum(f"'{key}'" in line for line in pg_server.log.read_text(errors="replace").splitlines())
+        return logged(f"'{key}'")
 
     def resets() -> int:  # (asyncpg's default reset on release: one more round trip each time)
-        return pg_server.log.read_text(errors="replace").count("pg_advisory_unlock_all()")
+        return logged("pg_advisory_unlock_all()")
 
     await _turn(store, key, "q1")  # (the first turn also prepares the statements on its connection)
     before, reset_before = statements(), resets()

@@ -16,7 +16,7 @@ import pytest
 
 from nanobot.errors import LeaseLostError, StorageError
 from nanobot.storage.sessions import SessionStore
-from pg import Opener, PgServer, opening
+from pg import Opener, opening
 
 DEADLINE = 30.0  # seconds for the server to get somewhere on a loaded machine
 TURN = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -26,17 +26,6 @@ async def open_storage(pg_url: str) -> AsyncIterator[Opener]:
     """Opens ``PgStorage``s ("processes") on one fresh database (poolSize 2); closes them all."""
     async with opening(pg_url, 2) as open_one:
         yield open_one
-
-
-@pytest.fixture
-async def logged(pg_server: PgServer, pg_url: str) -> Callable[[str], int]:
-    """Every statement the server runs on this database is logged; counts lines holding a text."""
-    admin = await asyncpg.connect(pg_url)
-    try:  # (before the stores connect: the setting applies to new connections)
-        await admin.execute(f"ALTER DATABASE \"{pg_url.rsplit('/', 1)[1]}\" SET log_statement = 'all'")
-    finally:
-        await admin.close()
-    return lambda text: pg_server.log.read_text(errors="replace").count(text)
 
 
 async def test_concurrent_turns_share_statements_and_each_gets_its_own_answer(
@@ -62,19 +51,23 @@ async def test_concurrent_turns_share_statements_and_each_gets_its_own_answer(
     assert logged("unnest($1::text[]") - written_before == 1
 
 
-async def test_in_a_group_only_the_turn_that_lost_its_lease_is_refused(open_storage: Opener) -> None:
+async def test_in_a_group_only_the_turn_that_lost_its_lease_is_refused(
+    open_storage: Opener, logged: Callable[[str], int]
+) -> None:
     slow, fast = await open_storage(), await open_storage()
     stale = await slow.leases.acquire("api:stale", "slow", 0.3)
     fresh = await asyncio.wait_for(fast.leases.acquire("api:stale", "fast", 60), 30)  # (after expiry)
     mine = await slow.leases.acquire("api:mine", "slow", 60)
     other = await slow.leases.acquire("api:other", "slow", 60)
     stale_turn = [{"role": "user", "content": "stale"}, {"role": "assistant", "content": "x"}]
+    grouped = logged("unnest($1::text[]")
     outcomes = await asyncio.gather(
         slow.sessions.append("api:mine", TURN, mine),
         slow.sessions.append("api:stale", stale_turn, stale),
         slow.sessions.append("api:other", TURN, other),
         return_exceptions=True,
     )
+    assert logged("unnest($1::text[]") - grouped == 1  # (the three went out as one statement)
     assert isinstance(outcomes[1], LeaseLostError) and "api:stale" in str(outcomes[1])
     assert isinstance(outcomes[0], int) and isinstance(outcomes[2], int)
     assert await slow.sessions.load("api:stale", 10) == []  # nothing of the stale turn written
@@ -82,16 +75,20 @@ async def test_in_a_group_only_the_turn_that_lost_its_lease_is_refused(open_stor
     assert await slow.leases.holder("api:mine") is None and await slow.leases.holder("api:other") is None
 
 
-async def test_a_row_the_server_refuses_fails_only_its_own_turn(open_storage: Opener) -> None:
+async def test_a_row_the_server_refuses_fails_only_its_own_turn(
+    open_storage: Opener, logged: Callable[[str], int]
+) -> None:
     """A group the server refuses as a whole is sent again statement by statement."""
     storage = await open_storage()
     bad = "api:nul\x00key"  # (PostgreSQL text cannot hold NUL: the server refuses the row)
+    grouped = logged("unnest($1::text[]")
     outcomes = await asyncio.gather(
         storage.sessions.append("api:fine-1", TURN),
         storage.sessions.append(bad, TURN),
         storage.sessions.append("api:fine-2", TURN),
         return_exceptions=True,
     )
+    assert logged("unnest($1::text[]") - grouped == 1  # (refused as a group, then one by one)
     assert isinstance(outcomes[1], StorageError) and "cannot save the conversation" in str(outcomes[1])
     assert isinstance(outcomes[0], int) and isinstance(outcomes[2], int)
     assert await storage.sessions.keys() == {"api:fine-1", "api:fine-2"}
