@@ -225,8 +225,8 @@ class DiscordChannel(Channel):
                 await self._inbound.fresh([], resume)
             except StorageError as exc:
                 log.warning("discord: session not recorded (%s)", exc.message)
-        if event != "MESSAGE_CREATE":
-            return
+        if event != "MESSAGE_CREATE" or not self._from_allowed_human(data):
+            return  # (before recording its id: our own replies come back here too)
         message_id = data.get("id")
         if isinstance(message_id, str) and message_id:
             try:
@@ -236,14 +236,19 @@ class DiscordChannel(Channel):
                 log.warning("discord: message id not recorded (%s)", exc.message)
         self._receive(data)
 
-    def _receive(self, data: dict[str, Any]) -> None:
-        """Turn a ``MESSAGE_CREATE`` from an allowed human into an InboundMessage; files go to the intake."""
-        raw_author = data.get("author")
-        author: dict[str, Any] = raw_author if isinstance(raw_author, dict) else {}
+    def _from_allowed_human(self, data: dict[str, Any]) -> bool:
+        """Not our own message nor another bot's, and from a sender ``allowFrom`` permits."""
+        author = _author(data)
         author_id = str(author.get("id", ""))
         if author.get("bot") or author_id == self.user_id:
-            return  # our own messages, and other bots'
+            return False
+        # (before any download: a stranger's file is never fetched)
+        return self._allow.permits(author_id, str(author.get("username", "")))
 
+    def _receive(self, data: dict[str, Any]) -> None:
+        """Turn a ``MESSAGE_CREATE`` from an allowed human into an InboundMessage; files go to the intake."""
+        author = _author(data)
+        author_id = str(author.get("id", ""))
         content = data.get("content")
         content = content if isinstance(content, str) else ""
         raw = data.get("attachments")
@@ -251,8 +256,6 @@ class DiscordChannel(Channel):
         if not (content or attachments) or "channel_id" not in data:
             return
         username = str(author.get("username", ""))
-        if not self._allow.permits(author_id, username):
-            return  # before any download: a stranger's file is never fetched
         metadata = {"message_id": str(data.get("id", "")), "username": username,
                     "guild_id": str(data.get("guild_id", ""))}  # fmt: skip
         base = InboundMessage(self.name, str(data["channel_id"]), content, author_id, metadata=metadata)
@@ -282,3 +285,8 @@ class DiscordChannel(Channel):
             raise ChannelRetryableError("discord: channel is not started")
         limit = self._files.limits.attachments.max_file_bytes
         return await download(self._session, file.ref, file.name, limit)
+
+
+def _author(data: dict[str, Any]) -> dict[str, Any]:
+    author = data.get("author")
+    return author if isinstance(author, dict) else {}
