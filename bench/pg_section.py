@@ -9,6 +9,7 @@ binaries the sections are skipped with a note. Every gateway gets a fresh, empty
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import os
@@ -36,6 +37,7 @@ WORKERS_CONCURRENCY = 64
 _databases = itertools.count(1)
 
 
+@functools.cache
 def _pgserver() -> ModuleType:
     """``tests/pgserver.py``, loaded by path (no ``tests`` package needed on sys.path)."""
     spec = importlib.util.spec_from_file_location("nanobot_bench_pgserver", ROOT / "tests" / "pgserver.py")

@@ -80,9 +80,8 @@ class StorageError(NanobotError):
 
 class LeaseLostError(StorageError):
     """A turn held its session's lease past its expiry and another holder took it: the turn
-    is not saved (fencing), so it can never write over a newer one."""
+    is not saved (fencing), so it can never write over a newer one (503, as StorageError)."""
 
-    status = 503
     code = "session_busy"
     should_retry = True
 

@@ -256,27 +256,17 @@ def parse_chat_request(
         from nanobot.gateway.conversation import parse_conversation  # (only this mode needs it)
 
         conv = parse_conversation(messages, max_file_bytes, max_files)  # type: ignore[arg-type]
-        return ChatRequest(
-            conv.text,
-            session_id,
-            stream,
-            include_usage,
-            tool_events,
-            temperature,
-            max_tokens,
-            conv.instructions,
-            conv.files,
-            conv.history,
-            use_tools,
-            response_format,
-        )
-    instructions, index, user = _split_messages(messages)
-    text = user.get("content")
-    files: tuple[FileInput, ...] = ()
-    if not isinstance(text, str):  # content parts: texts, images, files
-        text, files = user_content(text, f"messages[{index}].content", max_file_bytes)
-    if not text.strip() and not files:
-        raise RequestError("the user message is empty", param="messages")
+        text, instructions, files, history = conv.text, conv.instructions, conv.files, conv.history
+    else:
+        history = None  # the session's
+        instructions, index, user = _split_messages(messages)
+        content = user.get("content")
+        if isinstance(content, str):
+            text, files = content, ()
+        else:  # content parts: texts, images, files
+            text, files = user_content(content, f"messages[{index}].content", max_file_bytes)
+        if not text.strip() and not files:
+            raise RequestError("the user message is empty", param="messages")
     # Positional: a class called with keywords builds a dict of them (~450 instructions each).
     return ChatRequest(
         text,
@@ -288,7 +278,7 @@ def parse_chat_request(
         max_tokens,
         instructions,
         files,
-        None,  # history: the session's
+        history,
         use_tools,
         response_format,
     )
