@@ -366,6 +366,35 @@ async def test_api_key_is_asked_once_and_kept(
     assert w.dialogs == []
 
 
+async def test_a_message_sent_while_the_page_loads_is_answered(
+    start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
+) -> None:
+    """Enter pressed before the chat list has loaded (say right after the key dialog) still sends.
+
+    The page used to start its new chat once the list arrived, which cancelled a turn already
+    under way: the message went back into the box without a word.
+    """
+    base = await start_gateway()
+    listed = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(route: Any) -> None:
+        listed.set()
+        await release.wait()
+        await route.continue_()
+
+    w = await open_page(base, ready=False)
+    await w.page.route(re.compile(r"/v1/sessions\?"), hold)
+    await w.page.reload()
+    await listed.wait()
+    await send(w.page, "typed early")
+    release.set()
+    await w.page.wait_for_selector("body[data-ready]")
+    await expect(assistant(w.page)).to_have_text("echo: typed early")
+    await expect(w.page.locator("#input")).to_have_value("")
+    assert fake_llm.requests[-1]["messages"][-1]["content"] == "typed early"
+
+
 async def test_upstream_failure_is_a_readable_message(
     start_gateway: StartGateway, open_page: Any, fake_llm: FakeLLM
 ) -> None:

@@ -171,6 +171,9 @@ async function readAnswer(response, view) {
 }
 
 async function send() {
+  // Sent before the chat list and the open chat are in place (right after the key dialog, say):
+  // wait for them, or starting the chat would cancel this turn.
+  await loaded;
   const text = input.value;
   if (turn || (!text.trim() && !files.length)) return;
   showBanner("");
@@ -369,4 +372,4 @@ async function start() {
   document.body.dataset.ready = "1"; // the tests wait for this
 }
 
-start().catch((error) => showBanner(describeError(error)));
+const loaded = start().catch((error) => showBanner(describeError(error)));
