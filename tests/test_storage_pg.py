@@ -7,9 +7,11 @@ connection on the same database.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -236,6 +238,78 @@ async def test_a_cancelled_waiter_leaves_nothing_behind(open_storage: Opener) ->
     await one.leases.release("api:x", lease.token)
     second = await asyncio.wait_for(nxt, 30)
     assert await one.leases.holder("api:x") == ("next", second.token)
+
+
+class StallingProxy:
+    """A TCP proxy in front of PostgreSQL that, once ``hold`` is set, stops passing on a new
+    listening connection's LISTEN: a network that stops answering mid-way. ``closed`` is set
+    when the client closes a connection whose LISTEN it held."""
+
+    def __init__(self, url: str) -> None:
+        self._target = urlsplit(url)
+        self.hold = False
+        self.held = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def start(self) -> str:
+        """Listen on a free port; the URL to reach the database through the proxy."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        host = self._target.netloc.rpartition("@")
+        return urlunsplit(self._target._replace(netloc=f"{host[0]}@127.0.0.1:{port}"))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self._target.hostname, self._target.port)
+        back = asyncio.create_task(self._pump(up_reader, writer))
+        held = False
+        try:
+            while data := await reader.read(65536):
+                if self.hold and b"LISTEN" in data:
+                    held = True
+                    self.held.set()
+                    continue
+                up_writer.write(data)
+        finally:
+            if held:
+                self.closed.set()
+            back.cancel()
+            up_writer.close()
+            writer.close()
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()  # the server closed: so does the client's side
+
+    async def close(self) -> None:
+        self._server.close()
+
+
+async def test_a_waiter_cancelled_while_it_starts_listening_closes_that_connection(pg_url: str) -> None:
+    """A turn cancelled (its client gone) while its process is still setting up the connection
+    that listens for releases closes that connection at once. It stayed open, unreferenced,
+    until garbage collection (which then warned about it, and failed an unrelated test)."""
+    proxy = StallingProxy(pg_url)
+    through_proxy = await proxy.start()
+    gc.disable()  # (a collection would close it too, and hide the leak)
+    try:
+        async with opening(pg_url, 4) as open_one, opening(through_proxy, 4) as open_two:
+            one, two = await open_one(), await open_two()
+            lease = await one.leases.acquire("api:x", "one", 3600)
+            proxy.hold = True
+            gone = asyncio.create_task(two.leases.acquire("api:x", "gone", 3600))
+            await proxy.held.wait()  # its LISTEN is sent, and gets no answer
+            gone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            async with asyncio.timeout(10):  # (a deadline, not a measurement: it closes at once)
+                await proxy.closed.wait()
+            proxy.hold = False
+            await one.leases.release("api:x", lease.token)
+    finally:
+        gc.enable()
+        await proxy.close()
 
 
 async def test_lease_storage_errors_are_storage_errors(open_storage: Opener) -> None:

@@ -7,7 +7,8 @@ has the URL's password removed, even where no :func:`nanobot.redact.secrets_reda
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import asyncpg
 
@@ -80,3 +81,20 @@ async def create_pool(config: StorageConfig) -> asyncpg.Pool:
     except (*DRIVER_ERRORS, ValueError) as exc:  # (ValueError: a malformed URL)
         raise StorageError(f"cannot open {describe(config.url)}: {reason(exc, config.url)}") from None
     return pool
+
+
+async def listening(
+    url: str, connect_timeout: float, channel: str, on_notify: Callable[..., Any], on_lost: Callable[..., Any]
+) -> asyncpg.Connection:
+    """A dedicated connection that LISTENs on ``channel``. Closed again if anything after the
+    connect fails, or the caller is cancelled meanwhile (a client that leaves mid-wait): it
+    would stay open until garbage collection otherwise. Driver errors are the caller's."""
+    conn: asyncpg.Connection = await asyncpg.connect(url, timeout=connect_timeout)
+    try:
+        await conn.add_listener(channel, on_notify)
+    except BaseException:
+        conn.terminate()
+        raise
+    # Lost notifications cost at most a re-read: the callers also look again on a timer.
+    conn.add_termination_listener(on_lost)
+    return conn

@@ -34,7 +34,7 @@ from nanobot.errors import LeaseLostError, StorageError
 from nanobot.storage.base import Lease
 from nanobot.storage.keylock import KeyedLocks
 from nanobot.storage.postgres.batches import Row, Statement, StatementGroups
-from nanobot.storage.postgres.connect import DRIVER_ERRORS, reason, storage_errors
+from nanobot.storage.postgres.connect import DRIVER_ERRORS, listening, reason, storage_errors
 from nanobot.storage_config import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -270,11 +270,10 @@ class PgTurnLeases:
             if self._listener is not None and not self._listener.is_closed():
                 return
             with storage_errors("cannot listen for session leases", self._url):
-                listener = await asyncpg.connect(self._url, timeout=self._connect_timeout)
-                await listener.add_listener(CHANNEL, self._on_release)
-            # Lost notifications cost at most the rest of a lease: waiters also wake at expiry.
-            listener.add_termination_listener(self._on_lost)
-            self._listener = listener
+                # (lost notifications cost at most the rest of a lease: waiters also wake at expiry)
+                self._listener = await listening(
+                    self._url, self._connect_timeout, CHANNEL, self._on_release, self._on_lost
+                )
 
     def _on_release(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         for woken in self._wakeups.get(str(payload), ()):

@@ -40,7 +40,7 @@ from nanobot.health import StorageHealth
 from nanobot.storage.base import no_nul
 from nanobot.storage.outbox import DELIVERED_KEEP_SECONDS, NewMessage, OutboxEntry, State
 from nanobot.storage.postgres import outbox_sql as sql
-from nanobot.storage.postgres.connect import DRIVER_ERRORS, reason, storage_errors
+from nanobot.storage.postgres.connect import DRIVER_ERRORS, listening, reason, storage_errors
 from nanobot.storage_config import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -317,13 +317,11 @@ class PgOutbox:
             return
         try:
             with storage_errors("cannot listen for outbox changes", self._url):
-                listener = await asyncpg.connect(self._url, timeout=self._connect_timeout)
-                await listener.add_listener(sql.CHANNEL, self._on_notify)
+                self._listener = await listening(
+                    self._url, self._connect_timeout, sql.CHANNEL, self._on_notify, self._on_lost
+                )
         except StorageError as exc:
             log.warning("outbox: %s (re-reading every %.0fs meanwhile)", exc.message, self._ttl)
-            return
-        listener.add_termination_listener(self._on_lost)
-        self._listener = listener
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         text = str(payload)
