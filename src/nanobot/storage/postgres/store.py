@@ -108,8 +108,10 @@ class PgStorage:
             if conn is None or conn.is_closed():
                 conn = await asyncpg.connect(self._config.url, timeout=timeout)
             await conn.fetchval("SELECT 1", timeout=timeout)
-        except DRIVER_ERRORS as exc:
+        except BaseException as exc:  # (cancelled at shutdown too: a new connection is not left open)
             if conn is not None:
                 conn.terminate()
-            return None, reason(exc, self._config.url)
+            if isinstance(exc, DRIVER_ERRORS):
+                return None, reason(exc, self._config.url)
+            raise
         return conn, None
