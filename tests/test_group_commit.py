@@ -107,3 +107,78 @@ async def test_a_turn_cancelled_while_its_write_is_in_flight_is_stored_whole(tmp
         assert await reopened.history("s") == turn
     finally:
         await reopened.close()
+
+
+def wal_frames(wal: Path) -> int:
+    """The most frames the write-ahead log ever held: its size (a checkpoint lets SQLite write it
+    again from the start, it never shrinks)."""
+    data = wal.read_bytes()[:32]
+    page_size = struct.unpack(">I", data[8:12])[0]
+    return (wal.stat().st_size - 32) // (24 + page_size)
+
+
+async def test_the_write_ahead_log_is_checkpointed(tmp_path: Path) -> None:
+    """Turns committed one by one (a quiet server) keep the WAL about as small as SQLite's own
+    checkpoints would (1,000 frames): the writer thread checkpoints, nothing else does."""
+    store = await SessionStore.open(tmp_path)
+    try:
+        for i in range(1_500):  # ~5 frames each: 7,500 frames if nothing checkpointed
+            await store.append_turn(f"s{i}", [{"role": "user", "content": f"hi {i}"}])
+        frames = wal_frames(tmp_path / "sessions.db-wal")
+    finally:
+        await store.close()
+    assert 0 < frames <= 2_000, frames
+    reopened = await SessionStore.open(tmp_path)
+    try:
+        assert await reopened.history("s1499") == [{"role": "user", "content": "hi 1499"}]
+    finally:
+        await reopened.close()
+
+
+async def test_quiet_rows_commit_on_the_loop_and_the_rest_on_the_thread(tmp_path: Path) -> None:
+    """With loop_commits, a row that finds the thread idle is committed on the event loop (no
+    hand-off); rows that arrive while the thread works go to it, and so does every checkpoint
+    (they fsync: never on the loop). Seen by SQLite's statement trace, with the thread that ran it."""
+    import sqlite3
+    import threading
+
+    from nanobot.health import StorageHealth
+    from nanobot.storage.sqlite.writer import RowInsert, SqliteWriter, WriterOptions
+
+    seen: list[tuple[bool, str]] = []
+
+    def connect() -> sqlite3.Connection:
+        db = sqlite3.connect(tmp_path / "t.db", isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE t (a INTEGER NOT NULL, b TEXT NOT NULL)")
+        on_loop = threading.main_thread()
+        db.set_trace_callback(lambda sql: seen.append((threading.current_thread() is on_loop, sql)))
+        return db
+
+    options = WriterOptions("t-writer", "the test file", rows=RowInsert("INSERT INTO t VALUES ", 2, 50),
+                            loop_commits=True)  # fmt: skip
+    writer = SqliteWriter(connect, options, StorageHealth("t"))
+    await writer.open()
+    try:
+        for i in range(400):  # one at a time: the thread is idle for each
+            await writer.submit_row((i, "x" * 2000))
+        gate = threading.Event()
+        blocked = writer.submit(lambda db: gate.wait(10))  # the thread is busy with a job
+        late = [writer.submit_row((1000 + i, "late")) for i in range(3)]
+        gate.set()
+        assert await blocked
+        await asyncio.gather(*late)
+        assert await writer.submit(lambda db: db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+        assert await writer.submit(lambda db: db.execute("SELECT count(*) FROM t").fetchone()[0]) == 403
+    finally:
+        await writer.close()
+    checkpoints = [on_loop for on_loop, sql in seen if "wal_checkpoint" in sql]
+    assert checkpoints and not any(checkpoints), checkpoints
+    inserts = [(i, on_loop, sql) for i, (on_loop, sql) in enumerate(seen) if sql.startswith("INSERT")]
+    assert len(inserts) == 401
+    *quiet, (_, late_on_loop, late_sql) = inserts
+    assert not late_on_loop and late_sql.count("'late'") == 3  # the three late rows: one statement
+    # Each quiet row was committed on the loop, except the one that came during a checkpoint.
+    on_thread = [i for i, on_loop, _ in quiet if not on_loop]
+    assert all("wal_checkpoint" in seen[i - 1][1] for i in on_thread), [seen[i - 1] for i in on_thread]
+    assert len(on_thread) <= len(checkpoints) < 10, (on_thread, checkpoints)

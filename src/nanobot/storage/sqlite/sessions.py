@@ -55,6 +55,7 @@ class SqliteBackend:
             what=f"the session database {path}",
             rows=RowInsert(_INSERT, 5, _ROWS_PER_INSERT),
             translate=_damaged,
+            loop_commits=True,
         )
         self._writer = SqliteWriter(self._connect, options, health or StorageHealth("sessions"))
 

@@ -1,13 +1,17 @@
 """One SQLite writer thread with group commit, shared by every embedded store (sessions, outbox).
 
 Jobs are submitted on the event loop and handed to the thread one batch at a time: what is
-submitted while a batch commits waits (in memory, on the loop) and goes to the thread as the
-next batch, so the thread is woken once per batch, not once per job. Every thread hop costs two
-context switches and a fight for the GIL; under load that was most of the gateway's cost. For
-the same reason a batch costs the thread as few SQLite calls as it can (each one releases the GIL
-and must win it back): consecutive rows (:meth:`SqliteWriter.submit_row`) become one multi-row
-INSERT, and a batch of one statement runs without BEGIN/COMMIT (a statement is its own
-transaction) unless the store asks for ``BEGIN IMMEDIATE`` (a file other programs write too).
+submitted while a batch commits waits on the loop and goes as the next batch, so the thread is
+woken once per batch (a hop costs two context switches and a fight for the GIL). A batch costs
+the thread as few SQLite calls as it can (each releases the GIL and must win it back): consecutive
+rows (:meth:`SqliteWriter.submit_row`) become one multi-row INSERT, and a batch of one statement
+runs without BEGIN/COMMIT unless the store asks for ``BEGIN IMMEDIATE`` (other programs write).
+
+With ``WriterOptions.loop_commits`` rows that find the thread idle are committed on the event
+loop, no hand-off (two thread wake-ups were half of what storing a turn added to a quiet
+server's latency): a WAL append without fsync (``synchronous=NORMAL``), a page-cache write like
+a log line. What can block stays on the thread: jobs, batches that arrive while it is busy, and
+the WAL checkpoints (they fsync), which it runs every ~1,000 frames (``wal_autocheckpoint=0``).
 
 Each job runs in a savepoint, so one failing job spares the rest of its batch. The thread never
 dies of a failing job: every waiter gets its result or an exception, and an acknowledged job
@@ -38,6 +42,8 @@ Row = tuple[object, ...]
 _Batch = list[tuple[Job | Row, "asyncio.Future[Any]"]]
 _Results = list[tuple["asyncio.Future[Any]", object, BaseException | None]]
 _STOP = object()
+_CHECKPOINT = object()
+CHECKPOINT_FRAMES = 1000  # WAL frames between checkpoints: SQLite's own default (wal_autocheckpoint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,8 @@ class WriterOptions:
     immediate: bool = False  # BEGIN IMMEDIATE around every batch (the file has other writers)
     rows: RowInsert | None = None
     max_batch: int = 512  # jobs per transaction: bounds how long one commit keeps the others waiting
+    # Rows may be committed on the event loop while the thread is idle; checkpoints on the thread.
+    loop_commits: bool = False
     # A failed job's exception (other than sqlite3's) as its awaiter sees it (e.g. damaged data
     # as a StorageError).
     translate: Callable[[BaseException], BaseException] = _unchanged
@@ -87,8 +95,11 @@ class SqliteWriter:
         self._thread: threading.Thread | None = None
         self._pending: _Batch = []  # submitted, not yet handed to the thread (loop side)
         self._jobs_pending = 0  # of those, jobs (not rows): a batch of rows alone takes the fast path
-        self._busy = False  # a batch is with the thread: the next one waits for its results
-        self._statements: dict[int, str] = {}  # the multi-row INSERT by row count (the thread's)
+        self._busy = False  # a batch (or checkpoint) is with the thread, or rows wait for the loop's commit
+        self._statements: dict[int, str] = {}  # the multi-row INSERT by row count
+        self._db: sqlite3.Connection | None = None  # (the loop uses it only while the thread is idle)
+        self._rows_since_checkpoint = 0
+        self._frames_per_row = 8.0  # learnt from each checkpoint (how many frames its rows wrote)
 
     @property
     def is_open(self) -> bool:
@@ -100,6 +111,7 @@ class SqliteWriter:
         if self._thread is not None:
             return
         loop = self._loop = asyncio.get_running_loop()
+        self._busy = False  # (a checkpoint asked for as the last thread stopped never came back)
         connected: asyncio.Future[None] = loop.create_future()
         thread = threading.Thread(target=self._run, args=(connected,), name=self._options.name, daemon=True)
         thread.start()
@@ -117,6 +129,7 @@ class SqliteWriter:
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        self._db = None  # the thread's again, until it closes it
         pending, self._pending = self._pending, []
         if pending:
             self._jobs.put((False, pending))  # after the batch in flight, if any: the thread keeps the order
@@ -136,7 +149,11 @@ class SqliteWriter:
         fut: asyncio.Future[None] = self._loop.create_future()
         self._pending.append((row, fut))
         if not self._busy:
-            self._flush()
+            if self._options.loop_commits:  # at the loop's next step, with the rows that came meanwhile
+                self._busy = True
+                self._loop.call_soon(self._flush_here)
+            else:
+                self._flush()
         return fut
 
     def _submit(self, item: Job | Row) -> asyncio.Future[Any]:
@@ -150,7 +167,11 @@ class SqliteWriter:
         return fut
 
     # -- the loop side
-    def _flush(self) -> None:
+    def _flush_here(self) -> None:
+        self._busy = False
+        self._flush(here=True)
+
+    def _flush(self, here: bool = False) -> None:
         pending = self._pending
         if self._busy or not pending or self._thread is None:
             return
@@ -171,6 +192,9 @@ class SqliteWriter:
         if self._jobs_pending:
             self._jobs_pending = sum(not isinstance(item, tuple) for item, _fut in self._pending)
         self._busy = True
+        if fast and here and self._db is not None:  # the thread is idle: no hand-off
+            self._rows_done(batch, self._insert_batch(self._db, batch))
+            return
         self._jobs.put((fast, batch))
 
     def _done(self, results: _Results) -> None:
@@ -190,6 +214,20 @@ class SqliteWriter:
             for _row, fut in batch:
                 if not fut.done():
                     fut.set_exception(self._failure(error))
+        if self._options.loop_commits and error is None:
+            self._rows_since_checkpoint += len(batch)
+            if self._rows_since_checkpoint * self._frames_per_row >= CHECKPOINT_FRAMES:
+                self._busy = True  # what comes meanwhile waits, as it waited for SQLite's own checkpoint
+                self._jobs.put(_CHECKPOINT)
+                return
+        self._flush()
+
+    def _checkpointed(self, frames: int | None) -> None:
+        """A checkpoint came back: ``frames`` the WAL held (None: it failed, and was logged)."""
+        self._busy = False
+        rows, self._rows_since_checkpoint = self._rows_since_checkpoint, 0
+        if frames and rows:
+            self._frames_per_row = max(frames / rows, 0.5)
         self._flush()
 
     # -- the thread
@@ -199,10 +237,13 @@ class SqliteWriter:
         opened: _Results
         try:
             db = self._connect()
+            if self._options.loop_commits:  # checkpoints are the thread's, never in a commit on the loop
+                db.execute("PRAGMA wal_autocheckpoint=0")
         except (OSError, sqlite3.Error) as exc:
             opened = [(connected, None, exc)]
             loop.call_soon_threadsafe(_settle, opened)
             return
+        self._db = db
         opened = [(connected, None, None)]
         loop.call_soon_threadsafe(_settle, opened)
         try:
@@ -210,6 +251,9 @@ class SqliteWriter:
                 item = self._jobs.get()
                 if item is _STOP:
                     return
+                if item is _CHECKPOINT:
+                    loop.call_soon_threadsafe(self._checkpointed, self._checkpoint(db))
+                    continue
                 fast, batch = cast(tuple[bool, _Batch], item)
                 try:
                     if fast:
@@ -226,6 +270,16 @@ class SqliteWriter:
                                 len(batch))  # fmt: skip
         finally:
             db.close()
+
+    def _checkpoint(self, db: sqlite3.Connection) -> int | None:
+        """Copy the WAL into the database file (PASSIVE: this connection is the file's only one);
+        how many frames the WAL held, or None when it failed (the next commit will say why)."""
+        try:
+            _busy, frames, _copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("%s: checkpoint failed: %s", self._options.what, exc)
+            return None
+        return int(frames)
 
     def _insert_batch(self, db: sqlite3.Connection, batch: _Batch) -> Exception | None:
         """The fast path: a batch of rows as one INSERT, its own transaction; its error, if any
