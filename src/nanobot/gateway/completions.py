@@ -14,6 +14,7 @@ from nanobot.bus import InboundKind, InboundMessage, OutboundKind, Usage
 from nanobot.channels.api import Reply
 from nanobot.config import ApiConfig
 from nanobot.errors import NanobotError, PayloadTooLargeError, RequestError, UnsupportedMediaError
+from nanobot.gateway.bodies import read_bounded
 from nanobot.gateway.errors import REQUEST_ID
 from nanobot.gateway.ids import new_id
 from nanobot.gateway.multipart import form_stream, read_multipart
@@ -73,27 +74,6 @@ def _header_session(request: web.Request) -> str | None:
         raise RequestError(message, param="X-Session-Id") from None
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, bounded by ``limit``; unlike ``request.read()`` it is not kept on the
-    request, so a large base64 upload is held once, not for the whole turn."""
-    length = request.content_length
-    if length is not None:
-        if length > limit:
-            raise _too_large(limit)
-        try:  # the usual case: one call, and the body is usually in the buffer already
-            return await request.content.readexactly(length)
-        except asyncio.IncompleteReadError as exc:  # the client stopped sending: what came
-            return exc.partial
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _too_large(limit: int) -> PayloadTooLargeError:
     # Built only when needed: an exception per request was measurable on the hot path.
     return PayloadTooLargeError(
@@ -124,7 +104,8 @@ async def _parse(request: web.Request, state: GatewayState) -> ChatRequest:
         except asyncio.IncompleteReadError as exc:  # the client stopped sending: what came
             raw = exc.partial
     else:
-        raw = await _read_body(request, api.max_request_bytes)
+        limit = api.max_request_bytes
+        raw = await read_bounded(request, limit, lambda: _too_large(limit))
     if ctype == _URLENCODED and not raw.lstrip().startswith(b"{"):
         # `curl -d "message=hi"`: the same text fields as a multipart form, without files.
         try:

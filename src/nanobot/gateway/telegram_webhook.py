@@ -30,6 +30,7 @@ from nanobot.errors import (
     ServiceUnavailableError,
     StorageError,
 )
+from nanobot.gateway.bodies import read_bounded
 from nanobot.webhook_config import TelegramWebhookConfig
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,7 @@ def add_telegram_webhook(app: web.Application, webhook: TelegramWebhookConfig, s
 
 async def _read_update(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, read up to :data:`MAX_UPDATE_BYTES` (413 past it, 400 if not JSON)."""
-    if request.content_length is not None and request.content_length > MAX_UPDATE_BYTES:
-        raise _too_large()
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > MAX_UPDATE_BYTES:
-            raise _too_large()
+    body = await read_bounded(request, MAX_UPDATE_BYTES, _too_large)
     try:
         update = orjson.loads(body)
     except orjson.JSONDecodeError:
