@@ -166,7 +166,44 @@ async def test_dropped_connection_resumes_and_replays(fake: FakeDiscord, tmp_pat
     [resume] = fake.resumes
     assert (resume["session_id"], resume["seq"], resume["token"]) == ("fake-session-1", 2, DISCORD_TOKEN)
     assert len(fake.identifies) == 1
-    assert fake.ended_sessions == ["fake-session-1"]  # (one process alone ends its session as it stops)
+    assert fake.ended_sessions == []  # (stopped, it leaves the session resumable for its next start)
+
+
+async def test_a_restarted_process_resumes_its_session(
+    fake: FakeDiscord, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process stopped (an upgrade, a SIGTERM) and started again RESUMEs its Gateway session:
+    what was sent while it was down is replayed and answered, nothing twice. Started a third
+    time after a refused RESUME (the session expired meanwhile), it identifies afresh."""
+    config = config_for(fake, tmp_path)
+    first = MessageBus()
+    async with running(config, first):
+        await fake.until(lambda: fake.ws is not None)
+        await fake.dispatch_message(CHANNEL, "before")
+        assert (await next_inbound(first)).content == "before"
+    assert fake.ended_sessions == [] and fake.connections == 0
+    saved = tmp_path / "discord-session.json"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert DISCORD_TOKEN not in saved.read_text()
+    await fake.dispatch_message(CHANNEL, "while down")  # nobody connected: kept for a RESUME
+    second = MessageBus()
+    async with running(config, second):
+        await fake.until(lambda: bool(fake.resumes))
+        assert (await next_inbound(second)).content == "while down"
+        await fake.dispatch_message(CHANNEL, "after")
+        assert (await next_inbound(second)).content == "after"  # ("while down" was not handed on twice)
+    [resume] = fake.resumes
+    assert (resume["session_id"], resume["seq"]) == ("fake-session-1", 2)  # READY 1, "before" 2
+    assert len(fake.identifies) == 1
+    monkeypatch.setattr(discord_gateway, "INVALID_SESSION_WAIT", (0.0, 0.01))
+    fake.session_id = "fake-session-expired"  # Discord forgot the session meanwhile
+    third = MessageBus()
+    async with running(config, third):
+        await fake.until(lambda: len(fake.identifies) == 2)  # refused RESUME: a new session
+        await fake.dispatch_message(CHANNEL, "on a new session")
+        assert (await next_inbound(third)).content == "on a new session"
+    assert len(fake.resumes) == 2
+    assert "fake-session-expired" in saved.read_text()  # the new session is the one kept
 
 
 async def test_reconnect_request_resumes(fake: FakeDiscord, tmp_path: Path) -> None:

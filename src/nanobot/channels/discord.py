@@ -96,7 +96,7 @@ class DiscordChannel(Channel):
         discord = config.channels.discord
         if not discord.enabled:
             return None
-        inbound = open_inbound(config.storage, cls.name, discord.token)
+        inbound = open_inbound(config.storage, cls.name, discord.token, config.agents.defaults.workspace_path)
         return cls(discord, bus, FileLimits.from_api(config.api), inbound)
 
     def __repr__(self) -> str:
@@ -129,8 +129,9 @@ class DiscordChannel(Channel):
     async def _connect(self) -> None:
         """Hold the Gateway session (while this process leads: cancelled when the lead is lost)."""
         assert self._session is not None  # (started)
+        resumable = self._inbound.resumable  # stopped, the session stays open for the next run
         gateway = self._gateway = DiscordGateway(
-            self._session, self._config, self._on_dispatch, hand_over=self._inbound.shared
+            self._session, self._config, self._on_dispatch, hand_over=resumable
         )
         try:  # the session the last leader held (a process that died): resumed, Discord replays the gap
             saved = await self._inbound.resume_point()
@@ -142,7 +143,13 @@ class DiscordChannel(Channel):
         try:
             await gateway.run()
         finally:
+            point = self._resume_point()
             self._gateway = None
+            if resumable and point is not None:  # where it stands now (still leading: nobody else writes)
+                try:
+                    await self._inbound.fresh([], point)
+                except StorageError as exc:
+                    log.warning("discord: session not recorded at stop (%s)", exc.message)
 
     async def stop(self) -> None:
         """Disconnect from the Gateway, stop the files in progress, close the HTTP session; safe twice."""

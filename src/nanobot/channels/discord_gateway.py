@@ -61,8 +61,9 @@ class DiscordGateway:
         hand_over: bool = False,
     ) -> None:
         self._session = session
-        # Stopped (cancelled), close so that the session stays resumable: another process takes
-        # it over and Discord replays what it sent meanwhile. (Else a clean close, which ends it.)
+        # Stopped (cancelled), close so that the session stays resumable: the next leader, or
+        # this process after a restart, resumes it and Discord replays what it sent meanwhile.
+        # (Else a clean close, which ends it.)
         self._hand_over = hand_over
         self._config = config
         self._on_dispatch = on_dispatch

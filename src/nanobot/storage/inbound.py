@@ -13,13 +13,21 @@ only one) and remembers recent ids in memory: no database, no cost.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple, Protocol
+
+import orjson
 
 from nanobot.storage_config import StorageConfig
 
 Work = Callable[[], Awaitable[None]]
+
+log = logging.getLogger(__name__)
 
 RECENT_IDS = 10_000  # ids a single process remembers (a retried webhook call comes within minutes)
 
@@ -37,8 +45,9 @@ class ChannelInbound(Protocol):
     """One channel's inbound side in this process: leadership and the record of update ids."""
 
     @property
-    def shared(self) -> bool:
-        """Whether other processes may lead the channel after this one."""
+    def resumable(self) -> bool:
+        """Whether a Gateway session this process stops is resumed later: by the next leader (on
+        PostgreSQL) or by this process after a restart (its point kept in the workspace)."""
         ...
 
     @property
@@ -69,16 +78,22 @@ class ChannelInbound(Protocol):
 
 
 class SoloInbound:
-    """The single process's inbound side: always the leader; recent ids kept in memory."""
+    """The single process's inbound side: always the leader; recent ids kept in memory. With a
+    ``resume_file`` (in the workspace), where the channel's Gateway session stood when the
+    process stopped is kept there, and the next start resumes it: Discord replays what was sent
+    during a restart instead of it being lost."""
 
-    def __init__(self, remember: int = RECENT_IDS) -> None:
+    def __init__(self, remember: int = RECENT_IDS, resume_file: Path | None = None, token: str = "") -> None:
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
+        self._file = resume_file
+        self._bot = hashlib.sha256(token.encode()).hexdigest()[:16]  # (a point is the token's own)
+        self._resume: ResumePoint | None = None
 
     @property
-    def shared(self) -> bool:
-        """Never: no other process can share this workspace."""
-        return False
+    def resumable(self) -> bool:
+        """With a resume file: this process resumes its session after a restart."""
+        return self._file is not None
 
     @property
     def leading(self) -> bool:
@@ -90,8 +105,10 @@ class SoloInbound:
         await work()
 
     async def fresh(self, ids: Sequence[str], resume: ResumePoint | None = None) -> list[str]:
-        """The ids not among the last :data:`RECENT_IDS` seen, now remembered (``resume`` is not
-        needed: this process's own Gateway client keeps its session)."""
+        """The ids not among the last :data:`RECENT_IDS` seen, now remembered (``resume`` in
+        memory, written to the resume file at :meth:`close`)."""
+        if resume is not None:
+            self._resume = resume
         new = [i for i in dict.fromkeys(ids) if i not in self._recent]
         for update_id in new:
             self._recent[update_id] = None
@@ -100,19 +117,60 @@ class SoloInbound:
         return new
 
     async def resume_point(self) -> ResumePoint | None:
-        """None: no other process ever held the session."""
-        return None
+        """Where the session stood when this workspace's last process stopped (once: the file
+        is removed as it is read, so a later start never resumes a session twice)."""
+        if self._file is None:
+            return None
+        try:
+            saved = orjson.loads(self._file.read_bytes())
+            self._file.unlink()
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.warning("%s: ignoring the saved Gateway session (%s); identifying afresh", self._file, exc)
+            return None
+        try:
+            if saved["bot"] != self._bot:  # (another bot's: the token changed)
+                return None
+            return ResumePoint(str(saved["session_id"]), str(saved["resume_url"]), int(saved["seq"]))
+        except (KeyError, TypeError, ValueError):
+            log.warning("%s: ignoring a malformed saved Gateway session; identifying afresh", self._file)
+            return None
 
     async def close(self) -> None:
-        """Nothing to release (the ids stay remembered across a restart of the channel)."""
+        """Keep where the session stands in the resume file, if there is one to keep (the ids
+        stay remembered across a restart of the channel)."""
+        resume, self._resume = self._resume, None
+        if self._file is None or resume is None:
+            return
+        point = {"bot": self._bot, "session_id": resume.session_id, "resume_url": resume.resume_url,
+                 "seq": resume.seq}  # fmt: skip
+        try:
+            write_private(self._file, orjson.dumps(point))
+        except OSError as exc:
+            log.warning("%s: the Gateway session could not be kept (%s); the next start identifies afresh",
+                        self._file, exc)  # fmt: skip
 
 
-def open_inbound(storage: StorageConfig, channel: str, token: str) -> ChannelInbound:
+def open_inbound(
+    storage: StorageConfig, channel: str, token: str, workspace: Path | None = None
+) -> ChannelInbound:
     """The inbound side of ``channel`` (its bot ``token`` names it, as a digest) on ``storage``:
-    shared through PostgreSQL, else this process alone. Connects lazily, when first used."""
+    shared through PostgreSQL, else this process alone (its Gateway session, if any, kept in
+    ``<workspace>/<channel>-session.json`` between runs). Connects lazily, when first used."""
     if not storage.is_postgres:
-        return SoloInbound()
+        resume_file = None if workspace is None else workspace / f"{channel}-session.json"
+        return SoloInbound(resume_file=resume_file, token=token)
     # Imported here: asyncpg is only loaded by deployments that use it.
     from nanobot.storage.postgres.leadership import PgChannelInbound
 
     return PgChannelInbound(storage, channel, token)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole (a temporary file renamed over it), readable by its owner only."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -99,8 +99,8 @@ class PgChannelInbound:
         return f"PgChannelInbound({self.name!r}, leading={self._leading})"
 
     @property
-    def shared(self) -> bool:
-        """Always: every process on the database may lead the channel."""
+    def resumable(self) -> bool:
+        """Always: the next leader, in any process on the database, resumes the session."""
         return True
 
     @property
