@@ -9,11 +9,13 @@ Without the binaries the PostgreSQL tests are skipped, naming what is missing; w
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -36,6 +38,7 @@ __all__ = [
     "_QUOTED_PASSWORD",
     "Opener",
     "PgServer",
+    "StallingProxy",
     "logged",
     "opening",
     "pg_server",
@@ -109,3 +112,52 @@ async def logged(pg_server: PgServer, pg_url: str) -> Callable[[str], int]:
     finally:
         await admin.close()
     return lambda text: pg_server.log.read_text(errors="replace").count(text)
+
+
+class StallingProxy:
+    """A TCP proxy in front of PostgreSQL that, once ``hold`` is set, stops passing on a new
+    listening connection's LISTEN: a network that stops answering mid-way. ``closed`` is set
+    when the client closes a connection whose LISTEN it held. With ``mute`` set, it drops the
+    notifications the server sends (NotificationResponse messages): a process that misses them."""
+
+    def __init__(self, url: str) -> None:
+        self._target = urlsplit(url)
+        self.hold = False
+        self.mute = False
+        self.held = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def start(self) -> str:
+        """Listen on a free port; the URL to reach the database through the proxy."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        host = self._target.netloc.rpartition("@")
+        return urlunsplit(self._target._replace(netloc=f"{host[0]}@127.0.0.1:{port}"))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self._target.hostname, self._target.port)
+        back = asyncio.create_task(self._pump(up_reader, writer))
+        held = False
+        try:
+            while data := await reader.read(65536):
+                if self.hold and b"LISTEN" in data:
+                    held = True
+                    self.held.set()
+                    continue
+                up_writer.write(data)
+        finally:
+            if held:
+                self.closed.set()
+            back.cancel()
+            up_writer.close()
+            writer.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if self.mute and data[:1] == b"A":  # (a notification comes in a read of its own)
+                continue
+            writer.write(data)
+        writer.close()  # the server closed: so does the client's side
+
+    async def close(self) -> None:
+        self._server.close()

@@ -17,6 +17,7 @@ from nanobot.bus import DeliveryReceipt, MessageBus, OutboundMessage
 from nanobot.storage.outbox import NewMessage, State
 from nanobot.storage.postgres import PgOutbox, PgStorage
 from nanobot.storage_config import StorageConfig
+from pg import StallingProxy
 
 from fake_platforms import FakeTelegram, make_config, running
 
@@ -29,8 +30,8 @@ async def process(pg_url: str) -> AsyncIterator[Opener]:
     """Opens one 'process' (storage + outbox) on the test database; all closed at the end."""
     opened: list[tuple[PgStorage, PgOutbox]] = []
 
-    async def open_one(lease: float = 5.0) -> PgOutbox:
-        config = StorageConfig(url=pg_url, lease_seconds=lease)
+    async def open_one(lease: float = 5.0, url: str = "") -> PgOutbox:
+        config = StorageConfig(url=url or pg_url, lease_seconds=lease)
         storage = await PgStorage.open(config)
         outbox = PgOutbox(storage.pool, config)
         await outbox.open()
@@ -140,6 +141,36 @@ async def telegram(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> tupl
     return fake, str(server.make_url("")).rstrip("/")
 
 
+
+
+async def test_a_message_another_process_stored_first_is_sent_first(
+    process: Opener, telegram: tuple[FakeTelegram, str], tmp_path: Path, pg_url: str
+) -> None:
+    """A message stored by another process for a chat this one delivers goes out before this
+    process's own later message to that chat, even before the other's NOTIFY has come (here it
+    never comes: the proxy in front of this process drops notifications)."""
+    fake, url = telegram
+    config = make_config(tmp_path, telegram=url)
+    proxy = StallingProxy(pg_url)
+    through_proxy = await proxy.start()
+    try:
+        buses = MessageBus(), MessageBus()
+        deaf, other = await process(url=through_proxy), await process()
+        async with running(config, buses[0], (deaf, deaf)), running(config, buses[1], (other, other)):
+            proxy.mute = True
+
+            async def publish(bus: MessageBus, text: str) -> DeliveryReceipt:
+                receipt: asyncio.Future[DeliveryReceipt] = asyncio.get_running_loop().create_future()
+                bus.publish_outbound(OutboundMessage("telegram", "7", text, receipt=receipt))
+                return await receipt
+
+            assert (await publish(buses[0], "first")).status == "sent"  # its lane: the deaf process's
+            await publish(buses[1], "second")  # stored by the other process, delivered by the deaf one
+            await publish(buses[0], "third")
+            await fake.until(lambda: len(fake.sent) >= 3, within=30)
+        assert fake.texts(7) == ["first", "second", "third"]
+    finally:
+        await proxy.close()
 
 
 async def test_two_managers_share_the_chats_in_order(

@@ -11,7 +11,6 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -24,7 +23,7 @@ from nanobot.storage.postgres import SCHEMA_VERSION, PgStorage
 from nanobot.storage.postgres.leases import CHANNEL, _digest
 from nanobot.storage.sessions import SessionStore
 from nanobot.storage_config import StorageConfig
-from pg import _QUOTED_PASSWORD, PASSWORD, Opener, PgServer, opening
+from pg import _QUOTED_PASSWORD, PASSWORD, Opener, PgServer, StallingProxy, opening
 
 TURN = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
@@ -238,52 +237,6 @@ async def test_a_cancelled_waiter_leaves_nothing_behind(open_storage: Opener) ->
     await one.leases.release("api:x", lease.token)
     second = await asyncio.wait_for(nxt, 30)
     assert await one.leases.holder("api:x") == ("next", second.token)
-
-
-class StallingProxy:
-    """A TCP proxy in front of PostgreSQL that, once ``hold`` is set, stops passing on a new
-    listening connection's LISTEN: a network that stops answering mid-way. ``closed`` is set
-    when the client closes a connection whose LISTEN it held."""
-
-    def __init__(self, url: str) -> None:
-        self._target = urlsplit(url)
-        self.hold = False
-        self.held = asyncio.Event()
-        self.closed = asyncio.Event()
-
-    async def start(self) -> str:
-        """Listen on a free port; the URL to reach the database through the proxy."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        host = self._target.netloc.rpartition("@")
-        return urlunsplit(self._target._replace(netloc=f"{host[0]}@127.0.0.1:{port}"))
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self._target.hostname, self._target.port)
-        back = asyncio.create_task(self._pump(up_reader, writer))
-        held = False
-        try:
-            while data := await reader.read(65536):
-                if self.hold and b"LISTEN" in data:
-                    held = True
-                    self.held.set()
-                    continue
-                up_writer.write(data)
-        finally:
-            if held:
-                self.closed.set()
-            back.cancel()
-            up_writer.close()
-            writer.close()
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-        writer.close()  # the server closed: so does the client's side
-
-    async def close(self) -> None:
-        self._server.close()
 
 
 async def test_a_waiter_cancelled_while_it_starts_listening_closes_that_connection(pg_url: str) -> None:

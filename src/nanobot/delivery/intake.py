@@ -96,8 +96,27 @@ class Intake:
             for msg in batch:
                 resolve(msg, DeliveryReceipt("failed", f"could not store the message: {exc}"))
             return
+        if deliver:
+            await self._queue_earlier(entries)
         for entry, msg in zip(entries, batch, strict=True):
             self._hand_over(entry, msg, deliver)
+
+    async def _queue_earlier(self, entries: list[OutboxEntry]) -> None:
+        """Queue first what other processes stored earlier for the chats of ``entries`` that this
+        one delivers: their NOTIFY may not have come yet, and this process's own later message
+        must not overtake them (a lane never holds an entry twice)."""
+        holds = self._ownership.holds
+        mine = sorted({(e.channel, e.chat_id) for e in entries
+                       if e.state == State.PENDING and holds(e.channel, e.chat_id)})  # fmt: skip
+        if not mine:
+            return
+        try:
+            earlier = await self._store.pending_before(mine, min(e.id for e in entries))
+        except Exception as exc:  # (the storage failed: the next re-read finds them, maybe later)
+            log.warning("outbox: could not read earlier messages of %d chat(s): %s", len(mine), exc)
+            return
+        for entry in earlier:
+            self._enqueue(entry, None)
 
     def _new(self, msg: OutboundMessage) -> NewMessage:
         content = APOLOGY if msg.kind == OutboundKind.ERROR else msg.content

@@ -97,5 +97,11 @@ class Outbox(Protocol):
         """Settle held and pending entries (at start, and at each re-read); return the pending
         ones this process delivers, oldest first."""
 
+    async def pending_before(self, lanes: list[tuple[str, str]], before: int) -> list[OutboxEntry]:
+        """The pending entries of these chat lanes (channel, chat_id) stored before id
+        ``before``, oldest first: other processes' messages to chats this one delivers, which it
+        may not have read yet (their NOTIFY still on its way). Empty where no other process
+        stores messages (SQLite)."""
+
     async def counts(self) -> dict[str, int]:
         """Entries per state, ``delivered`` left out (for /metrics)."""

@@ -176,6 +176,15 @@ class PgOutbox:
             self._wake()  # more lanes wait: claim them at the next re-read
         return [OutboxEntry.from_row(tuple(r)) for r in rows]
 
+    async def pending_before(self, lanes: list[Lane], before: int) -> list[OutboxEntry]:
+        """See :meth:`~nanobot.storage.outbox.Outbox.pending_before`."""
+        if not lanes:
+            return []
+        chats = ([c for c, _ in lanes], [i for _, i in lanes])
+        async with self._writing("cannot read the outbox"):
+            rows = await self._pool.fetch(sql.PENDING_BEFORE, *chats, before)
+        return [OutboxEntry.from_row(tuple(r)) for r in rows]
+
     async def counts(self) -> dict[str, int]:
         """Entries per state, ``delivered`` left out (every process's, for /metrics)."""
         counts = dict.fromkeys(_WAITING, 0)

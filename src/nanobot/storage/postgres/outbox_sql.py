@@ -84,6 +84,14 @@ WHERE l.holder = $1 AND l.token = ANY($2::bigint[]) AND o.state = 'pending'
 ORDER BY o.id
 """
 
+# Pending messages of these lanes stored before a given id (by any process), oldest first.
+PENDING_BEFORE = f"""
+SELECT {COLUMNS} FROM outbox o
+WHERE o.state = 'pending' AND o.id < $3
+  AND (o.channel, o.chat_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+ORDER BY o.id
+"""
+
 # When the soonest lease of another process's lane with pending work ends (seconds from now).
 NEXT_EXPIRY = """
 SELECT EXTRACT(EPOCH FROM MIN(l.expires_at) - clock_timestamp())::float8 FROM outbox_lanes l

@@ -208,6 +208,11 @@ class OutboxStore:
         except StorageError as exc:  # ("the outbox PATH: cause", from the writer)
             raise StorageError(f"cannot read {exc}") from None
 
+    async def pending_before(self, lanes: list[tuple[str, str]], before: int) -> list[OutboxEntry]:
+        """None: this process is the only one that stores messages in this file (the workspace
+        lock), and it queues each one it stores."""
+        return []
+
     async def counts(self) -> dict[str, int]:
         """See :func:`count_waiting` (on the writer thread, like every other read)."""
         return await self.submit(count_waiting)
