@@ -74,10 +74,8 @@ class WriterOptions:
     immediate: bool = False  # BEGIN IMMEDIATE around every batch (the file has other writers)
     rows: RowInsert | None = None
     max_batch: int = 512  # jobs per transaction: bounds how long one commit keeps the others waiting
-    # Rows may be committed on the event loop while the thread is idle; checkpoints on the thread.
-    loop_commits: bool = False
-    # A failed job's exception (other than sqlite3's) as its awaiter sees it (e.g. damaged data
-    # as a StorageError).
+    loop_commits: bool = False  # rows committed on the event loop while the thread is idle (see above)
+    # A failed job's exception (other than sqlite3's) as its awaiter sees it (damaged data: StorageError).
     translate: Callable[[BaseException], BaseException] = _unchanged
 
 
@@ -150,8 +148,7 @@ class SqliteWriter:
         self._pending.append((row, fut))
         if not self._busy:
             if self._options.loop_commits:
-                # Two loop steps on, with the rows of the turns finishing meanwhile (c=16: a third
-                # fewer WAL writes per turn than after one step, 2.8 pwrite64 instead of 4.2).
+                # Two loop steps on, with the turns finishing meanwhile (c=16: 2.8 pwrite64 per turn, not 4.2)
                 self._busy = True
                 self._loop.call_soon(self._loop.call_soon, self._flush_here)
             else:
